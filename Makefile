@@ -1,0 +1,29 @@
+# Two entry points (README): `make run` runs the embedded default, `make test` runs the suite.
+# Both create .venv idempotently with pinned dependencies; the stamp file re-installs when the pins change.
+PY        ?= python3
+VENV      ?= .venv
+BIN       := $(VENV)/bin
+STAMP     := $(VENV)/.installed
+# CPU machines get the CPU wheel of torch; set TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128' for CUDA.
+TORCH_SPEC ?= torch==2.13.0
+ARGS      ?=
+
+.PHONY: run test install clean-venv
+
+$(STAMP): pyproject.toml requirements-lock.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -c requirements-lock.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/piece-run $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -x -q $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
