@@ -12,7 +12,6 @@ ARGS      ?=
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -c requirements-lock.txt -e '.[dev]'
 	touch $(STAMP)
