@@ -1,0 +1,127 @@
+"""`piece-run`: compose the config (Hydra, in this process only), write it into the run directory, run.
+
+    piece-run                                   # the embedded miniature on CPU
+    piece-run method=piece_s model=llama3_8b benchmark=trace paths.trace_root=/data/TRACE
+    piece-run -m method=seqft,piece_s           # Hydra multirun
+    piece-run --cfg job method=piece_s model=llama3_8b benchmark=trace   # show the composed config
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.resources
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from piece_cl.errors import PieceError
+
+CONFIG_DIR = Path(str(importlib.resources.files("piece_cl.configs")))
+GROUPS = ("model", "benchmark", "method", "optimizer", "trainer", "eval", "protocol", "paths", "experiment")
+VERSIONED = ("piece-cl", "torch", "transformers", "deepspeed", "peft", "hydra-core", "tokenizers")
+
+
+def config_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Unknown config-group choices fail here with one line, before Hydra prints a page."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.lstrip("+~").split("=", 1)
+        if key not in GROUPS or value in ("", "null"):
+            continue
+        known = config_options(key)
+        for choice in value.split(","):
+            if choice.startswith(("range(", "choice(", "glob(")):
+                continue
+            if choice not in known:
+                raise PieceError(f"unknown {key} '{choice}'; known: {', '.join(known)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Refuse values that would waste a job, each with the key to fix."""
+    checks = [
+        (float(cfg.optimizer.lr) > 0, f"optimizer.lr must be positive, got {cfg.optimizer.lr}"),
+        (int(cfg.trainer.epochs) > 0, f"trainer.epochs must be positive, got {cfg.trainer.epochs}"),
+        (int(cfg.trainer.batch_size) > 0, f"trainer.batch_size must be positive, got {cfg.trainer.batch_size}"),
+        (int(cfg.trainer.micro_batch_size) > 0, f"trainer.micro_batch_size must be positive, got {cfg.trainer.micro_batch_size}"),
+    ]
+    if "ratio" in cfg.method:
+        checks.append((0 < float(cfg.method.ratio) <= 1, f"method.ratio must be in (0, 1], got {cfg.method.ratio}"))
+    for ok, message in checks:
+        if not ok:
+            raise PieceError(message)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    results = run_dir / "results.json"
+    if results.exists() and not resume:
+        raise PieceError(f"{run_dir} already holds a run; pass resume=true to continue it or choose another hydra.run.dir")
+
+
+def write_config(cfg: DictConfig, run_dir: Path) -> None:
+    from piece_cl.io import atomic_write_text
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["run_dir"] = str(run_dir)
+    resolved["world_size"] = 1
+    resolved["versions"] = library_versions()
+    resolved["overrides"] = list(HydraConfig.get().overrides.task)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+
+
+def fail(message: str) -> None:
+    print(f"piece-run: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def _main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    existed = (run_dir / "results.json").exists()
+    try:
+        validate(cfg)
+        check_run_dir(run_dir, bool(cfg.resume))
+        write_config(cfg, run_dir)
+        from piece_cl.progress import console
+        from piece_cl.run import run
+
+        console.print(f"[bold]piece-run[/] {cfg.run_name} -> {run_dir}")
+        results = run(cfg, run_dir)
+        console.print(results.matrix_text())
+        print(f"results: {run_dir / 'results.json'}")
+    except PieceError as err:
+        if not existed and not (run_dir / "results.json").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing finished: leave nothing that looks like a run
+        if cfg.verbose:
+            raise
+        fail(str(err))
+
+
+def main() -> None:
+    try:
+        check_overrides(sys.argv[1:])
+    except PieceError as err:
+        fail(str(err))
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The method contract and its registry (mammoth/avalanche style: one small file per method).
+
+A method only sees hooks of the loop; it never knows whether a plain-torch or a DeepSpeed engine
+runs it. Gradient edits go through `ctx.engine.get_grad/set_grad`, masks through gradient hooks.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from piece_cl.errors import PieceError
+
+# Every method the paper compares, mapped to the module that implements it. A module that is missing
+# or broken is reported only when its method is chosen.
+METHOD_MODULES: dict[str, str] = {
+    name: f"piece_cl.methods.{name}"
+    for name in (
+        "seqft", "ewc", "gem", "lwf", "replay", "replay_online",
+        "seqlora", "olora", "layernorm", "migu", "piece_f", "piece_s",
+    )
+}
+_REGISTRY: dict[str, type["Method"]] = {}
+
+EMBEDDING_PATTERN = re.compile(r"(embed_tokens|wte|wpe|embed_positions|word_embeddings)\.")
+
+
+def register_method(cls: type["Method"]) -> type["Method"]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def implemented_methods() -> list[str]:
+    """Names whose module imports and registers a method (imports each module once)."""
+    for name, module in METHOD_MODULES.items():
+        if name not in _REGISTRY:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                continue
+    return sorted(_REGISTRY)
+
+
+def build_method(method_cfg) -> "Method":
+    name = method_cfg.name
+    if name not in METHOD_MODULES:
+        raise PieceError(f"unknown method '{name}'; known: {', '.join(METHOD_MODULES)}")
+    if name not in _REGISTRY:
+        try:
+            importlib.import_module(METHOD_MODULES[name])
+        except ModuleNotFoundError as err:
+            if err.name != METHOD_MODULES[name]:
+                raise
+            raise PieceError(
+                f"method '{name}' is not implemented yet; implemented: {', '.join(implemented_methods())}"
+            ) from None
+    return _REGISTRY[name](method_cfg)
+
+
+@dataclass
+class StageContext:
+    """Everything a method may look at during one stage (task) of the sequence."""
+
+    t: int
+    task: Any  # data.registry.Task
+    tasks_seen: list
+    model: nn.Module
+    tokenizer: Any
+    engine: Any  # training.engine.Engine
+    cfg: Any  # the whole run config
+    stage_dir: Path
+    seed: int
+    fit: Callable[..., dict] = field(repr=False, default=None)  # fit(records, epochs=None): train with the engine
+    log: Callable[[str], None] = print
+
+
+class Method:
+    """Default behaviour = sequential fine-tuning of every non-embedding parameter."""
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    # -- once ---------------------------------------------------------------------------------
+    def setup(self, model: nn.Module) -> nn.Module:
+        """Freeze embeddings (as the authors' runs did); wrap the model if the method needs to."""
+        if self.cfg.get("freeze_embeddings", True):
+            for name, param in model.named_parameters():
+                if EMBEDDING_PATTERN.search(name + "."):
+                    param.requires_grad_(False)
+        return model
+
+    # -- per task -----------------------------------------------------------------------------
+    def before_task(self, ctx: StageContext) -> None:
+        """Importance and masks (PIECE, MIGU), teacher snapshot (LwF), new adapter (O-LoRA)."""
+
+    def train_records(self, ctx: StageContext) -> list[dict]:
+        """The records trained on in this stage (Replay-online mixes past samples in here)."""
+        return ctx.task.train
+
+    def trainable(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """What the optimiser sees."""
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def build_optimizer(self, ctx: StageContext, params: list[tuple[str, nn.Parameter]], optimizer_factory):
+        """`optimizer_factory(iterable of params)` is the configured optimiser with its lr, betas, ..."""
+        return optimizer_factory([p for _, p in params])
+
+    def loss(self, ctx: StageContext, batch: dict[str, torch.Tensor], out) -> torch.Tensor:
+        """Answer-token cross-entropy; penalties (EWC, LwF, O-LoRA) add to it."""
+        return out.loss
+
+    def after_backward(self, ctx: StageContext) -> None:
+        """Gradient surgery (GEM) through `ctx.engine.get_grad/set_grad`."""
+
+    def after_task(self, ctx: StageContext) -> None:
+        """Fisher (EWC), memories (GEM, Replay), adapter bookkeeping (O-LoRA)."""
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        """The model evaluated after a stage."""
+        return model
+
+    # -- resume -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

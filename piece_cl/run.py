@@ -1,0 +1,97 @@
+"""The one loop (ARCHITECTURE.md): learn the tasks in sequence, fill the R matrix, save every stage.
+
+    load model, benchmark, method
+    for t, task in enumerate(tasks):
+        method.before_task -> engine.fit -> method.after_task
+        evaluate R[t, :t+1] and the probe; save stage t atomically
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+
+from piece_cl.data.registry import build_benchmark
+from piece_cl.errors import PieceError
+from piece_cl.evaluation.evaluate import evaluate_task
+from piece_cl.io import atomic_write_json, write_jsonl
+from piece_cl.methods.base import StageContext, build_method
+from piece_cl.models.loading import check_available, load_model
+from piece_cl.progress import console
+from piece_cl.results import RunResults
+from piece_cl.training.engine import build_engine
+from piece_cl.training.loss_curves import LossCurves
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(cfg, run_dir: Path) -> RunResults:
+    seed_everything(int(cfg.seed))
+    method = build_method(cfg.method)  # first: an unknown method or missing weights fail before any loading
+    check_available(cfg.model)
+    benchmark = build_benchmark(cfg)
+    model, tokenizer = load_model(cfg)
+    model = method.setup(model)
+    engine = build_engine(cfg, model, tokenizer)
+    optimizer_factory = instantiate(cfg.optimizer)
+    probe = benchmark.probe
+    results = RunResults(run=cfg.run_name, model=cfg.model.name, method=cfg.method.name,
+                         benchmark=benchmark.name, tasks=[t.name for t in benchmark.tasks],
+                         probe_name=probe.name if probe else None)
+
+    if probe is not None and cfg.eval.probe_before:
+        console.print(f"[bold]probe[/] {probe.name} on the base model ...")
+        results.probe_base, _ = probe.evaluate(engine.model, tokenizer, cfg.eval)
+        console.print(f"base model: {probe.name} = {results.probe_base:.2f}")
+
+    curves = LossCurves(engine, benchmark.tasks, every=int(cfg.trainer.loss_curve_every),
+                        samples=int(cfg.trainer.loss_curve_samples))
+    for t, task in enumerate(benchmark.tasks):
+        stage_dir = run_dir / f"stage_{t}_{task.name}"
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        ctx = StageContext(t=t, task=task, tasks_seen=benchmark.tasks[: t + 1], model=engine.model,
+                           tokenizer=tokenizer, engine=engine, cfg=cfg, stage_dir=stage_dir,
+                           seed=int(cfg.seed), log=console.print)
+        ctx.fit = lambda records, epochs=None, _ctx=ctx: engine.fit(
+            _ctx, method, records, int(epochs or cfg.trainer.epochs), optimizer_factory, description="extra")
+
+        method.before_task(ctx)
+        curves.start_stage(t, stage_dir)
+        stats = engine.fit(ctx, method, method.train_records(ctx), int(cfg.trainer.epochs), optimizer_factory,
+                           on_step=curves.on_step, description=f"task {t + 1}/{len(benchmark.tasks)}")
+        method.after_task(ctx)
+
+        model_for_eval = method.eval_model(engine.model)
+        row, metrics, predictions = [], {}, []
+        for seen in benchmark.tasks[: t + 1]:
+            score, task_metrics, items = evaluate_task(model_for_eval, tokenizer, seen, cfg.eval)
+            row.append(score)
+            metrics[seen.name] = task_metrics
+            predictions.extend(items)
+        probe_score = None
+        if probe is not None:
+            probe_score, probe_items = probe.evaluate(model_for_eval, tokenizer, cfg.eval)
+            metrics["probe"] = {probe.name: probe_score}
+            predictions.extend({"task": probe.name, **item} for item in probe_items)
+        metrics["train"] = stats
+
+        write_jsonl(stage_dir / "predictions.jsonl", predictions)
+        atomic_write_json(stage_dir / "metrics.json", metrics)
+        results.add_stage(row, probe_score)
+        results.save(run_dir)  # last: results.json names the stages that are complete
+        summary = results.to_dict()
+        console.print(f"stage {t + 1}/{len(benchmark.tasks)} {task.name}: score {row[-1]:.2f}  "
+                      f"OP {summary['OP'][-1]:.2f}  BWT {summary['BWT'][-1]:.2f}"
+                      + (f"  {probe.name} {probe_score:.2f}" if probe is not None else "")
+                      + f"  (loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f})")
+
+    if not results.finished:
+        raise PieceError("the run ended before its last stage")
+    return results

@@ -1,0 +1,132 @@
+"""The training engine: one interface, a plain-torch backend here (DeepSpeed slots in beside it).
+
+The engine owns batching, accumulation, clipping and the optimiser step; methods hook in through the
+contract in methods/base.py and read or write gradients only through `get_grad` / `set_grad`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from piece_cl.data.collate import collate, encode_all
+from piece_cl.errors import PieceError
+from piece_cl.progress import progress
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class TorchEngine:
+    """Single-process training with gradient accumulation to the configured global batch."""
+
+    world_size = 1
+    rank = 0
+    is_main = True
+
+    def __init__(self, trainer_cfg, model: nn.Module, tokenizer):
+        self.cfg = trainer_cfg
+        self.device = resolve_device(trainer_cfg.device)
+        self.model = model.to(self.device)
+        self.tokenizer = tokenizer
+        self.batch_size = int(trainer_cfg.batch_size)
+        self.micro_batch_size = min(int(trainer_cfg.micro_batch_size), self.batch_size)
+        self.global_step = 0
+
+    # -- gradients, engine-agnostic -------------------------------------------------------------
+    def get_grad(self, name: str, param: nn.Parameter) -> torch.Tensor | None:
+        return param.grad
+
+    def set_grad(self, name: str, param: nn.Parameter, value: torch.Tensor) -> None:
+        param.grad = value.to(param.dtype).reshape(param.shape)
+
+    # -- data -----------------------------------------------------------------------------------
+    def encode(self, records: list[dict]) -> list[dict]:
+        return encode_all(self.tokenizer, records, int(self.cfg.max_prompt_len), int(self.cfg.max_answer_len))
+
+    def batch(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = collate(features, self.tokenizer.pad_token_id, side="right")
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def mean_loss(self, records: list[dict]) -> float:
+        """Token-mean answer loss over `records` (held-out loss curves), model left in its mode."""
+        was_training = self.model.training
+        self.model.eval()
+        features = self.encode(records)
+        total, tokens = 0.0, 0
+        for start in range(0, len(features), self.micro_batch_size):
+            batch = self.batch(features[start : start + self.micro_batch_size])
+            out = self.model(**batch)
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(out.loss) * n
+            tokens += n
+        self.model.train(was_training)
+        return total / max(tokens, 1)
+
+    # -- training -------------------------------------------------------------------------------
+    def fit(self, ctx, method, records: list[dict], epochs: int, optimizer_factory,
+            on_step: Callable[[int], None] | None = None, description: str = "train") -> dict:
+        """Train `records` for `epochs` epochs; returns loss statistics of the stage."""
+        if not records:
+            raise PieceError(f"task '{ctx.task.name}': nothing to train on")
+        features = self.encode(records)
+        params = method.trainable(self.model)
+        optimizer = method.build_optimizer(ctx, params, optimizer_factory)
+        steps_per_epoch = math.ceil(len(features) / self.batch_size)
+        generator = torch.Generator().manual_seed(ctx.seed * 1000 + ctx.t)
+        self.model.train()
+        losses: list[float] = []
+        with progress() as bar:
+            job = bar.add_task(f"{description} {ctx.task.name}", total=epochs * steps_per_epoch, info="")
+            for epoch in range(epochs):
+                order = torch.randperm(len(features), generator=generator).tolist() if self.cfg.shuffle else list(range(len(features)))
+                for step in range(steps_per_epoch):
+                    chunk = [features[i] for i in order[step * self.batch_size : (step + 1) * self.batch_size]]
+                    loss = self._step(ctx, method, optimizer, params, chunk)
+                    losses.append(loss)
+                    self.global_step += 1
+                    bar.update(job, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {loss:.3f}")
+                    if on_step is not None:
+                        on_step(self.global_step)
+        return {"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
+                "mean_last_epoch_loss": sum(losses[-steps_per_epoch:]) / steps_per_epoch}
+
+    def _step(self, ctx, method, optimizer, params, chunk: list[dict]) -> float:
+        total = 0.0
+        for start in range(0, len(chunk), self.micro_batch_size):
+            micro = chunk[start : start + self.micro_batch_size]
+            batch = self.batch(micro)
+            out = self.model(**batch)
+            loss = method.loss(ctx, batch, out)
+            if not torch.isfinite(loss):
+                raise PieceError(f"non-finite loss ({float(loss)}) in task '{ctx.task.name}' at step {self.global_step}; "
+                                 "stage stopped, earlier stages are kept (lower the learning rate?)")
+            (loss * (len(micro) / len(chunk))).backward()
+            total += float(loss) * len(micro) / len(chunk)
+        method.after_backward(ctx)
+        clip = float(self.cfg.grad_clip or 0)
+        if clip > 0:
+            if hasattr(optimizer, "clip_grad_norm_"):
+                optimizer.clip_grad_norm_(clip)  # optimisers that keep their own (sparse) gradients
+            else:
+                torch.nn.utils.clip_grad_norm_([p for _, p in params if p.grad is not None], clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total
+
+
+def build_engine(cfg, model: nn.Module, tokenizer):
+    engine = cfg.trainer.engine
+    if engine == "torch":
+        return TorchEngine(cfg.trainer, model, tokenizer)
+    if engine == "deepspeed":
+        from piece_cl.training.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg.trainer, model, tokenizer)
+    raise PieceError(f"unknown trainer.engine '{engine}'; known: torch, deepspeed")

@@ -1,0 +1,26 @@
+"""Held-out loss of every task of the sequence every N optimiser steps (the paper's Figures 17-19)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from piece_cl.io import atomic_write_text
+
+
+class LossCurves:
+    """Writes stage_<t>_<task>/loss_curves.csv with columns global_step, stage, task, loss."""
+
+    def __init__(self, engine, tasks, every: int, samples: int):
+        self.engine, self.tasks, self.every = engine, tasks, every
+        self.held_out = {task.name: task.eval[:samples] for task in tasks}
+        self.stage, self.path, self.rows = 0, None, []
+
+    def start_stage(self, stage: int, stage_dir: Path) -> None:
+        self.stage, self.path, self.rows = stage, stage_dir / "loss_curves.csv", []
+
+    def on_step(self, global_step: int) -> None:
+        if self.every <= 0 or global_step % self.every:
+            return
+        for name, records in self.held_out.items():
+            if records:
+                self.rows.append(f"{global_step},{self.stage},{name},{self.engine.mean_loss(records):.6f}")
+        atomic_write_text(self.path, "global_step,stage,task,loss\n" + "\n".join(self.rows) + "\n")
