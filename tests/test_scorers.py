@@ -193,3 +193,10 @@ def test_errors_are_one_line_piece_errors():
         score("SQuAD", ["x"], ["x"])
     assert score("FOMC", [], []) == 0.0
     assert scorers.higher_is_better("Py150")
+
+
+def test_references_of_records():
+    assert scorers.reference_of({"prompt": "q", "answer": "B"}) == "B"
+    humans = ["2"] * 10
+    assert scorers.reference_of({"prompt": "q", "answer": "2", "references": humans}) == humans
+    assert score("vqa", ["two", "3"], ["2", "2"]) == 50.0  # a single gold string: exact match, full credit

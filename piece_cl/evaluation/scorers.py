@@ -277,11 +277,16 @@ def top_answer(reference: Reference) -> str:
 
 @register_metric("vqa")
 def _vqa_item(prediction: str, reference: Reference) -> float:
-    """min(#humans who gave the answer / 3, 1), both sides normalised as the official script does."""
+    """min(#humans who gave the answer / 3, 1), both sides normalised as the official script does.
+
+    A plain string reference is a single gold answer, so the rule degenerates to exact match.
+    """
     answer = normalize_vqa_answer(prediction)
     if not answer:
         return 0.0
-    humans = [normalize_vqa_answer(a) for a in _answers(reference)]
+    if isinstance(reference, str):
+        return float(answer == normalize_vqa_answer(reference))
+    humans = [normalize_vqa_answer(a) for a in reference]
     return min(humans.count(answer) / 3, 1.0)
 
 
@@ -304,6 +309,11 @@ def _vqa_exact_item(prediction: str, reference: Reference) -> float:
 
 
 # ----------------------------------------------------------------------------- public API
+def reference_of(record: dict) -> Reference:
+    """What a test record is scored against: its "references" (VQA answers, captions) or its "answer"."""
+    return record.get("references", record["answer"])
+
+
 def _check_lengths(predictions: Sequence[str], references: Sequence[Reference]) -> None:
     if len(predictions) != len(references):
         raise PieceError(f"{len(predictions)} predictions for {len(references)} references")
