@@ -42,14 +42,14 @@ def save(fig, out_dir: Path, stem: str) -> Path:
     return png
 
 
-def _annotated_heatmap(ax, matrix: np.ndarray, fmt: str, vmax: float | None = None):
+def _annotated_heatmap(ax, matrix: np.ndarray, fmt: str, vmax: float | None = None, skip_zero: bool = False):
     """Grey heatmap with each finite value written in its cell (white on dark cells)."""
     finite = matrix[np.isfinite(matrix)]
     top = vmax if vmax is not None else (finite.max() if finite.size else 1.0) or 1.0
     image = ax.imshow(np.ma.masked_invalid(matrix), cmap="Greys", vmin=0, vmax=top, aspect="auto")
     if matrix.size <= 400:
         for (row, col), value in np.ndenumerate(matrix):
-            if np.isfinite(value):
+            if np.isfinite(value) and not (skip_zero and value == 0):
                 ax.text(col, row, format(value, fmt), ha="center", va="center", fontsize=8,
                         color="white" if value > 0.6 * top else "black")
     return image
@@ -105,7 +105,7 @@ def module_layers(counts: Counter, title: str, out_dir: Path, stem: str) -> Path
     for (module, layer), count in counts.items():
         matrix[modules.index(module), n_layers if layer is None else layer] += count
     fig, ax = plt.subplots(figsize=(10, 4.5), layout="constrained")
-    image = _annotated_heatmap(ax, matrix, ".0f")
+    image = _annotated_heatmap(ax, matrix, ".0f", skip_zero=True)
     ax.set_yticks(range(len(modules)), modules)
     step = max(1, n_layers // 16)
     ticks = list(range(0, n_layers, step)) + [n_layers]
@@ -133,7 +133,7 @@ def overlap_vs_forgetting(correlations: dict[str, Correlation], title: str, out_
     for (label, corr), style in zip(correlations.items(), _styles()):
         ax.scatter(corr.overlaps, corr.forgetting, color=style["color"], marker=style["marker"],
                    facecolors="none" if style["linestyle"] != "-" else style["color"],
-                   label=f"{label}: r={corr.pearson_r:.2f}, ρ={corr.spearman_rho:.2f} (n={corr.n})")
+                   label=f"{label}: r={_stat(corr.pearson_r)}, ρ={_stat(corr.spearman_rho)} (n={corr.n})")
     ax.axhline(0, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("overlap |M_i ∩ M_j| / k")
     ax.set_ylabel("forgetting R_{j-1,i} − R_{j,i}")
@@ -141,6 +141,10 @@ def overlap_vs_forgetting(correlations: dict[str, Correlation], title: str, out_
     ax.set_title(title)
     ax.grid(alpha=0.3)
     return save(fig, out_dir, stem)
+
+
+def _stat(value: float) -> str:
+    return "n/a" if np.isnan(value) else f"{value:.2f}"
 
 
 @dataclass
@@ -157,14 +161,17 @@ def ratio_sweep(groups: dict[str, list[SweepPoint]], probe: str, bwt_label: str,
     """Figure 7: AP, OP, BWT and probe vs the ratio k (log scale), one line per (model, method)."""
     fig, axes = plt.subplots(2, 2, figsize=(9, 7), layout="constrained")
     panels = [("ap", "AP"), ("op", "OP"), ("bwt", bwt_label), ("probe", probe)]
+    percents = sorted({p.ratio * 100 for points in groups.values() for p in points})
     for ax, (field, ylabel) in zip(axes.flat, panels):
         for (label, points), style in zip(groups.items(), _styles()):
             pts = sorted((p.ratio, getattr(p, field)) for p in points if getattr(p, field) is not None)
             ax.plot([r * 100 for r, _ in pts], [v for _, v in pts], label=label, **style)
         ax.set_xscale("log")
+        ax.set_xticks(percents, [f"{x:g}" for x in percents])
+        ax.minorticks_off()
         ax.set_xlabel("ratio k (% of parameters)")
         ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3, which="both")
+        ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8, loc="best")
     fig.suptitle(title)
     return save(fig, out_dir, stem)
@@ -196,6 +203,6 @@ def loss_curves(points: list[LossPoint], stage_tasks: list[str], title: str, out
                 markevery=max(1, len(series) // 12), markersize=4, **style)
     ax.set_xlabel("training step (bands: task being trained)")
     ax.set_ylabel("held-out loss")
-    ax.legend(fontsize=8, loc="upper right", ncols=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title, pad=16)
     return save(fig, out_dir, stem)

@@ -93,13 +93,15 @@ class Table:
         return any(f.model == row.model and f.method == row.method for f in self.paper_flags)
 
     def best(self) -> set[tuple[int, str]]:
-        """(row index, column) of the best value per column within each model, base row excluded."""
+        """(row index, column) of the best value per column among each model's method rows (2 or more)."""
         best: set[tuple[int, str]] = set()
         by_model: dict[str, list[int]] = defaultdict(list)
         for index, row in enumerate(self.rows):
             if not row.is_base:
                 by_model[row.model].append(index)
         for indices in by_model.values():
+            if len(indices) < 2:
+                continue  # nothing to compare with
             for column in self.columns:
                 scored = [(self.rows[i].values.get(column), i) for i in indices]
                 scored = [(v, i) for v, i in scored if v is not None]
