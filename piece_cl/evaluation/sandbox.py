@@ -46,9 +46,16 @@ def check_programs(programs: list[str], timeout: float = 5.0, memory_mb: int = 1
     """Check programs in parallel (one waiting thread per running child), results in input order."""
     if not programs:
         return []
-    workers = min(workers or os.cpu_count() or 1, len(programs))
+    workers = min(workers or _usable_cpus(), len(programs))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
         return list(pool.map(lambda program: check_program(program, timeout, memory_mb), programs))
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (a cluster job's allocation), not all of the node's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def check_program(program: str, timeout: float = 5.0, memory_mb: int = 1024) -> ExecResult:
