@@ -284,3 +284,18 @@ def test_cli_writes_report_and_reports_bad_input(sweep_dir: Path, tmp_path: Path
     assert "no such folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 2
+
+
+def test_incomplete_run_without_probe_is_reported_not_crashed(tmp_path: Path):
+    run = write_run(tmp_path / "runs", "partial", model="tiny", method="piece_f", benchmark="tiny", tasks=TINY,
+                    R=[[50.0], [40.0, 70.0]], probe=(80.0, []))
+    results = json.loads((run / "results.json").read_text())
+    results["probe"] = {"name": None, "base": None, "after_task": []}
+    (run / "results.json").write_text(json.dumps(results))
+    (table,) = build_tables(find_runs([run]), "authors")
+    row = table.rows[1]
+    assert [row.values[t] for t in TINY] == [40.0, 70.0, None, None] and row.values["OP"] == 55.0
+    assert row.values["BWT"] is None and not row.complete          # after task T-1 = 3 not reached
+    assert "Incomplete runs (scores after the last finished stage): partial." in to_markdown(table)
+    report = generate_report([run], tmp_path / "out").read_text()
+    assert "No masks" in report and "No sweep" in report

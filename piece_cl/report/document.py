@@ -96,7 +96,7 @@ def _curves_section(runs: list[Run], labels: dict[Path, str], out: Path) -> Sect
             scores = [r.probe.get("base"), *(r.probe.get("after_task") or [])]
             points = [(x, y) for x, y in enumerate(scores) if y is not None]
             probe_curves.append(figures.Curve(labels[r.path], [x for x, _ in points], [y for _, y in points]))
-        probe = probe_name(group[0].probe.get("name", "probe"))
+        probe = probe_name(group[0].probe.get("name") or "probe")
         png = figures.op_and_probe(op_curves, probe_curves, probe, f"{model} on {benchmark}",
                                    out / "figures", _slug(f"fig1_{model}_{benchmark}"))
         section.figure(png, out, f"Figure 1 — {model}, {benchmark}: (a) OP and (b) {probe} vs tasks learned")
@@ -175,7 +175,7 @@ def _sweep_section(runs: list[Run], out: Path, convention: str) -> Section:
         point = figures.SweepPoint(run.ratio, ap(run.R)[-1], sum(run.R[-1]) / len(run.R[-1]),
                                    final_bwt(run.R, len(run.tasks), convention), after[-1] if after else None)
         by_benchmark[run.benchmark][run.label].append(point)
-        probes[run.benchmark] = probe_name(run.probe.get("name", "probe"))
+        probes[run.benchmark] = probe_name(run.probe.get("name") or "probe")
     for benchmark, groups in sorted(by_benchmark.items()):
         sweeps = {label: pts for label, pts in groups.items() if len({p.ratio for p in pts}) >= 2}
         if not sweeps:
