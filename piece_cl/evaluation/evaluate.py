@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from piece_cl.evaluation.generation import generate
-from piece_cl.evaluation.scorers import all_metrics
+from piece_cl.evaluation.scorers import all_metrics, reference_of
 
 
 def evaluate_task(model, tokenizer, task, eval_cfg) -> tuple[float, dict[str, float], list[dict]]:
     """(score 0..100, all metrics, per-item predictions) on `task.test`."""
     prompts = [r["prompt"] for r in task.test]
-    references = [r["answer"] for r in task.test]
+    references = [reference_of(r) for r in task.test]  # VQA: 10 answers; captions: 5
     predictions = generate(
         model, tokenizer, prompts, max_new_tokens=task.max_new_tokens, batch_size=int(eval_cfg.batch_size),
         do_sample=bool(eval_cfg.do_sample), top_k=eval_cfg.top_k, top_p=eval_cfg.top_p,
