@@ -337,7 +337,7 @@ def _blocks(scores: Mapping[str, Tensor], names: list[str], validate: bool = Fal
         flat = scores[name].detach().reshape(-1)
         for lo in range(0, flat.numel(), _BLOCK):
             block = flat[lo : lo + _BLOCK]
-            if validate and (block.isnan().any() or (block < 0).any()):
+            if validate and not bool((block >= 0).all()):  # False for NaN and negatives, True for -0.0
                 raise PieceError(f"top-k scores must be non-negative and not NaN; {name} is not")
             yield name, lo, block.view(torch.int32).clamp_min(0)  # -0.0 has the sign bit: count it as 0.0
 
@@ -360,11 +360,14 @@ def _digit_holding_kth(counts: Tensor, k: int, above: int) -> tuple[int, int]:
 def _gather(scores, names, threshold: int, ties: int) -> dict[str, Tensor]:
     picked: dict[str, list[Tensor]] = {}
     for name, lo, keys in _blocks(scores, names):
-        chosen = (keys > threshold).nonzero().squeeze(1)
-        if ties > 0:
-            tied = (keys == threshold).nonzero().squeeze(1)[:ties]
-            ties -= tied.numel()
-            chosen = torch.cat([chosen, tied]).sort().values
+        chosen = (keys >= threshold).nonzero().squeeze(1)
+        at_threshold = keys[chosen] == threshold
+        tied = at_threshold.nonzero().squeeze(1)[ties:]  # ties beyond the quota are dropped
+        ties = max(0, ties - int(at_threshold.sum()))
+        if tied.numel():
+            keep = torch.ones_like(at_threshold)
+            keep[tied] = False
+            chosen = chosen[keep]
         if chosen.numel():
             picked.setdefault(name, []).append(chosen + lo)
     return {name: torch.cat(parts) for name, parts in picked.items()}
