@@ -1,0 +1,120 @@
+"""PIECE (shared by PIECE-F and PIECE-S): before each task, score every eligible entry on the task's
+data, keep the global top k = floor(ratio·|θ|), and train only those entries (NOTES §1).
+
+Entries outside the mask keep their exact bits through the task: tensors with no selected entry are
+frozen (no gradient at all), and the selected ones are updated by `training.sparse.SparseMaskedAdam`,
+which keeps Adam state for the k entries only. The optimiser is fresh for every task, as in the
+authors' runs (one process per task). `unselected=train` reproduces the authors' bug (NOTES §3:
+tensors with no selected entry trained fully) for comparison only.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from piece_cl.errors import PieceError
+from piece_cl.importance import DEFAULT_XI, eligible_parameters, estimate, select_top_k
+from piece_cl.methods.base import Method, StageContext
+from piece_cl.training.sparse import AdamSettings, SparseMaskedAdam
+
+logger = logging.getLogger(__name__)
+
+UNSELECTED_CHOICES = ("freeze", "train")
+AUTHORS_XI_ON_SUMS = 1.0
+
+
+class Piece(Method):
+    """Top-k importance mask per task; `kind` is the importance of Eq. 4 ("fisher") or Eq. 10 ("s")."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.unselected not in UNSELECTED_CHOICES:
+            raise PieceError(f"method.unselected must be one of {UNSELECTED_CHOICES}, got {cfg.unselected!r}")
+        self.masks: dict[str, Tensor] = {}
+        self.fully_trained: list[str] = []  # unselected=train only: eligible tensors without selections
+        self.optimizer: SparseMaskedAdam | None = None
+
+    # -- before the task: importance and mask ---------------------------------------------------
+    def before_task(self, ctx: StageContext) -> None:
+        model = ctx.model
+        eligible = eligible_parameters(model, exclude=list(self.cfg.exclude))
+        imp = self.cfg.importance
+        scores = estimate(model, self._importance_batches(ctx), self.kind, xi=self._xi(),
+                          granularity=imp.granularity, chunk_size=int(imp.chunk_size), eligible=eligible,
+                          reduction=imp.reduction, xi_on_sums=bool(imp.xi_on_sums))
+        total = sum(p.numel() for p in model.parameters())  # |θ| with embeddings, as the authors counted
+        self.masks = select_top_k(scores, float(self.cfg.ratio), total=total)
+        del scores
+        save_file({name: idx.contiguous() for name, idx in self.masks.items()}, str(ctx.stage_dir / "mask.safetensors"))
+        empty = [name for name, _ in eligible if name not in self.masks]
+        self.fully_trained = empty if self.cfg.unselected == "train" else []
+        k = sum(idx.numel() for idx in self.masks.values())
+        ctx.log(f"{self.name}: k = {k} of |θ| = {total} (ratio {self.cfg.ratio}); {len(self.masks)} tensors hold "
+                f"selections, {len(empty)} of {len(eligible)} eligible tensors hold none")
+        if self.fully_trained:
+            warning = (f"WARNING method.unselected=train reproduces the authors' bug: {len(self.fully_trained)} "
+                       "tensors with no selected entry train FULLY (dense Adam); not the paper's method")
+            ctx.log(warning)
+            logger.warning(warning)
+        trained = set(self.masks) | set(self.fully_trained)
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in trained)
+
+    def _xi(self) -> float:
+        """ξ of Eq. 10: tiny on means (the paper), 1 on sums (the authors' code) unless set."""
+        imp = self.cfg.importance
+        if imp.xi is not None:
+            return float(imp.xi)
+        return AUTHORS_XI_ON_SUMS if imp.xi_on_sums else DEFAULT_XI
+
+    def _importance_batches(self, ctx: StageContext) -> Iterator[dict[str, Tensor]]:
+        """Task records tokenised as training sees them (right padding, labels -100 off the answer).
+
+        No attention mask: under causal attention right padding cannot reach the answer tokens.
+        """
+        imp = self.cfg.importance
+        records = ctx.task.train if imp.samples is None else ctx.task.train[: int(imp.samples)]
+        features = ctx.engine.encode(records)
+        size = int(imp.chunk_size) if imp.granularity == "sample" else int(imp.batch_size)
+        for start in range(0, len(features), size):
+            batch = ctx.engine.batch(features[start : start + size])
+            yield {"input_ids": batch["input_ids"], "labels": batch["labels"]}
+
+    # -- training ---------------------------------------------------------------------------------
+    def trainable(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        trained = set(self.masks) | set(self.fully_trained)
+        return [(name, param) for name, param in model.named_parameters() if name in trained]
+
+    def build_optimizer(self, ctx: StageContext, params, optimizer_factory) -> SparseMaskedAdam:
+        if not self.masks:
+            raise PieceError(f"{self.name}: no mask for task '{ctx.task.name}' (before_task did not run)")
+        self._close_optimizer()
+        dense = [param for name, param in params if name not in self.masks]
+        self.optimizer = SparseMaskedAdam(
+            ctx.model, self.masks, AdamSettings.from_factory(optimizer_factory),
+            dense=optimizer_factory(dense) if dense else None,
+            fast_linear=bool(self.cfg.get("fast_linear", True)),
+        )
+        return self.optimizer
+
+    def after_task(self, ctx: StageContext) -> None:
+        self._close_optimizer()
+
+    def _close_optimizer(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.close()
+            self.optimizer = None
+
+    # -- resume -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": {name: idx.clone() for name, idx in self.masks.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.masks = {name: torch.as_tensor(idx, dtype=torch.long) for name, idx in state.get("masks", {}).items()}
