@@ -70,10 +70,58 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    results = run_dir / "results.json"
-    if results.exists() and not resume:
-        raise PieceError(f"{run_dir} already holds a run; pass resume=true to continue it or choose another hydra.run.dir")
+# Keys that may change between a run and its resumption.
+VOLATILE = ("resume", "verbose", "run_dir", "world_size", "versions", "overrides")
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
+def config_difference(old: dict, new: dict) -> str | None:
+    """The first setting that differs between two resolved configs, ignoring VOLATILE keys."""
+    a = {k: v for k, v in _flatten(old).items() if k.split(".")[0] not in VOLATILE}
+    b = {k: v for k, v in _flatten(new).items() if k.split(".")[0] not in VOLATILE}
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<unset>") != b.get(key, "<unset>"):
+            return f"{key}: {a.get(key, '<unset>')} in the run, {b.get(key, '<unset>')} now"
+    return None
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
+    """True when the run directory already holds a finished run that resume=true asked to show.
+
+    A directory holding an unfinished run with the same config is continued (resume); a finished run is
+    never overwritten; a different config is refused.
+    """
+    config_file, results_file = run_dir / "config.yaml", run_dir / "results.json"
+    if not results_file.exists():
+        if config_file.exists():
+            _check_same_config(cfg, run_dir)
+        return False
+    import json
+
+    finished = json.loads(results_file.read_text() or "{}")
+    if finished.get("stages_done") is not None and finished["stages_done"] == len(finished.get("tasks", [None])):
+        if cfg.resume:
+            return True
+        raise PieceError(f"{run_dir} already holds a finished run; choose another hydra.run.dir")
+    if not config_file.exists():
+        raise PieceError(f"{run_dir} holds results.json but no config.yaml; refusing to guess what it was")
+    _check_same_config(cfg, run_dir)
+    return False
+
+
+def _check_same_config(cfg: DictConfig, run_dir: Path) -> None:
+    stored = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    difference = config_difference(stored, OmegaConf.to_container(cfg, resolve=True))
+    if difference:
+        raise PieceError(f"{run_dir} holds a run with a different config ({difference}); choose another hydra.run.dir")
 
 
 def write_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -98,10 +146,14 @@ def _main(cfg: DictConfig) -> None:
     existed = (run_dir / "results.json").exists()
     try:
         validate(cfg)
-        check_run_dir(run_dir, bool(cfg.resume))
-        write_config(cfg, run_dir)
         from piece_cl.progress import console
-        from piece_cl.run import run
+        from piece_cl.run import load_results, run
+
+        if check_run_dir(cfg, run_dir):
+            console.print(f"{run_dir} is already finished; nothing to resume")
+            console.print(load_results(run_dir).matrix_text())
+            return
+        write_config(cfg, run_dir)
 
         console.print(f"[bold]piece-run[/] {cfg.run_name} -> {run_dir}")
         results = run(cfg, run_dir)

@@ -44,6 +44,10 @@ class RunResults:
                    probe_base=probe.get("base"), probe_after=list(probe.get("after_task", [])))
 
     @property
+    def stages_done(self) -> int:
+        return len(self.R)
+
+    @property
     def finished(self) -> bool:
         return len(self.R) == len(self.tasks)
 

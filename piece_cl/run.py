@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 
+from piece_cl.checkpoint import load_stage_state, prune_checkpoints, save_stage_state
 from piece_cl.data.registry import build_benchmark
 from piece_cl.errors import PieceError
 from piece_cl.evaluation.evaluate import evaluate_task
@@ -32,6 +33,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def load_results(run_dir: Path) -> RunResults | None:
+    path = run_dir / "results.json"
+    if not path.exists():
+        return None
+    import json
+
+    return RunResults.from_dict(json.loads(path.read_text()))
+
+
 def run(cfg, run_dir: Path) -> RunResults:
     seed_everything(int(cfg.seed))
     method = build_method(cfg.method)  # first: an unknown method or missing weights fail before any loading
@@ -42,11 +52,16 @@ def run(cfg, run_dir: Path) -> RunResults:
     engine = build_engine(cfg, model, tokenizer)
     optimizer_factory = instantiate(cfg.optimizer)
     probe = benchmark.probe
-    results = RunResults(run=cfg.run_name, model=cfg.model.name, method=cfg.method.name,
-                         benchmark=benchmark.name, tasks=[t.name for t in benchmark.tasks],
-                         probe_name=probe.name if probe else None)
+    results = load_results(run_dir)
+    if results is not None and results.stages_done:
+        load_stage_state(run_dir, results.stages_done - 1, engine.model, method, engine)
+        console.print(f"resuming after stage {results.stages_done}/{len(benchmark.tasks)}")
+    else:
+        results = RunResults(run=cfg.run_name, model=cfg.model.name, method=cfg.method.name,
+                             benchmark=benchmark.name, tasks=[t.name for t in benchmark.tasks],
+                             probe_name=probe.name if probe else None)
 
-    if probe is not None and cfg.eval.probe_before:
+    if probe is not None and cfg.eval.probe_before and results.probe_base is None:
         console.print(f"[bold]probe[/] {probe.name} on the base model ...")
         results.probe_base, _ = probe.evaluate(engine.model, tokenizer, cfg.eval)
         console.print(f"base model: {probe.name} = {results.probe_base:.2f}")
@@ -54,6 +69,9 @@ def run(cfg, run_dir: Path) -> RunResults:
     curves = LossCurves(engine, benchmark.tasks, every=int(cfg.trainer.loss_curve_every),
                         samples=int(cfg.trainer.loss_curve_samples))
     for t, task in enumerate(benchmark.tasks):
+        if t < results.stages_done:
+            continue
+        seed_everything(int(cfg.seed) + t)  # each stage's random streams depend only on (seed, t): resumable
         stage_dir = run_dir / f"stage_{t}_{task.name}"
         stage_dir.mkdir(parents=True, exist_ok=True)
         ctx = StageContext(t=t, task=task, tasks_seen=benchmark.tasks[: t + 1], model=engine.model,
@@ -84,8 +102,13 @@ def run(cfg, run_dir: Path) -> RunResults:
 
         write_jsonl(stage_dir / "predictions.jsonl", predictions)
         atomic_write_json(stage_dir / "metrics.json", metrics)
+        if cfg.save_checkpoints:
+            model_for_eval.save_pretrained(stage_dir / "checkpoint")
+            tokenizer.save_pretrained(stage_dir / "checkpoint")
+        save_stage_state(run_dir, t, engine.model, method, engine)
         results.add_stage(row, probe_score)
-        results.save(run_dir)  # last: results.json names the stages that are complete
+        results.save(run_dir)  # the commit: results.json names the stages that are complete
+        prune_checkpoints(run_dir, keep=t)
         summary = results.to_dict()
         console.print(f"stage {t + 1}/{len(benchmark.tasks)} {task.name}: score {row[-1]:.2f}  "
                       f"OP {summary['OP'][-1]:.2f}  BWT {summary['BWT'][-1]:.2f}"

@@ -97,10 +97,21 @@ def test_empty_task_is_refused(tmp_path):
 def test_a_finished_run_directory_is_not_overwritten(tmp_path):
     run_dir = tmp_path / "outputs" / "done"
     run_dir.mkdir(parents=True)
-    (run_dir / "results.json").write_text("{}")
+    finished = json.dumps({"tasks": ["a"], "R": [[1.0]], "stages_done": 1})
+    (run_dir / "results.json").write_text(finished)
     proc = piece_run(tmp_path, f"hydra.run.dir={run_dir}")
-    assert_refused(proc, "already holds a run", "resume=true")
-    assert (run_dir / "results.json").read_text() == "{}"
+    assert_refused(proc, "already holds a finished run")
+    assert (run_dir / "results.json").read_text() == finished
+
+
+def test_resuming_into_a_directory_with_another_config_is_refused(tmp_path):
+    run_dir = tmp_path / "outputs" / "half"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("seed: 1\n")
+    (run_dir / "results.json").write_text(json.dumps({"tasks": ["a", "b"], "R": [[1.0]], "stages_done": 1}))
+    proc = piece_run(tmp_path, f"hydra.run.dir={run_dir}", "resume=true")
+    assert_refused(proc, "different config", "in the run")
+    assert (run_dir / "config.yaml").read_text() == "seed: 1\n"
 
 
 def test_verbose_shows_the_traceback(tmp_path):

@@ -1,0 +1,60 @@
+"""Stage checkpoints for resume: the model, the method's state and the engine's step counter.
+
+A stage counts as done only when results.json says so; its checkpoint is written (to a temporary
+directory, fsynced, renamed) *before* results.json is replaced, so a kill at any moment leaves either
+the previous complete stage or the new one, never a half-written stage that looks finished.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+CHECKPOINTS = "checkpoint"
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.iterdir():
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def stage_checkpoint(run_dir: Path, t: int) -> Path:
+    return run_dir / CHECKPOINTS / f"stage_{t}"
+
+
+def save_stage_state(run_dir: Path, t: int, model, method, engine) -> None:
+    final = stage_checkpoint(run_dir, t)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(method.state_dict(), tmp / "method.pt")
+    (tmp / "engine.json").write_text(json.dumps({"global_step": engine.global_step}))
+    _fsync_tree(tmp)
+    shutil.rmtree(final, ignore_errors=True)  # a stale copy from an attempt that never committed
+    os.replace(tmp, final)
+
+
+def load_stage_state(run_dir: Path, t: int, model, method, engine) -> None:
+    path = stage_checkpoint(run_dir, t)
+    method.load_state_dict(torch.load(path / "method.pt", weights_only=False))  # may rebuild adapters first
+    load_model(model, str(path / "model.safetensors"))
+    engine.global_step = json.loads((path / "engine.json").read_text())["global_step"]
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Drop every stage checkpoint but `keep` (the last committed stage)."""
+    root = run_dir / CHECKPOINTS
+    for path in root.glob("*stage_*"):
+        if path.name != f"stage_{keep}":
+            shutil.rmtree(path, ignore_errors=True)
