@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from piece_cl.checkpoint import load_stage_state, prune_checkpoints, save_stage_state
 from piece_cl.data.registry import build_benchmark
 from piece_cl.errors import PieceError
+from piece_cl.faults import maybe_kill
 from piece_cl.evaluation.evaluate import evaluate_task
 from piece_cl.io import atomic_write_json, write_jsonl
 from piece_cl.methods.base import StageContext, build_method
@@ -40,6 +41,23 @@ def load_results(run_dir: Path) -> RunResults | None:
     import json
 
     return RunResults.from_dict(json.loads(path.read_text()))
+
+
+def evaluate_stage(model, tokenizer, seen_tasks, probe, eval_cfg, t: int):
+    """Row t of the R matrix (every task seen so far) and the probe, with metrics and predictions."""
+    row, metrics, predictions = [], {}, []
+    for task in seen_tasks:
+        score, task_metrics, items = evaluate_task(model, tokenizer, task, eval_cfg)
+        row.append(score)
+        metrics[task.name] = task_metrics
+        predictions.extend(items)
+        maybe_kill("eval", t)
+    probe_score = None
+    if probe is not None:
+        probe_score, probe_items = probe.evaluate(model, tokenizer, eval_cfg)
+        metrics["probe"] = {probe.name: probe_score}
+        predictions.extend({"task": probe.name, **item} for item in probe_items)
+    return row, probe_score, metrics, predictions
 
 
 def run(cfg, run_dir: Path) -> RunResults:
@@ -82,22 +100,18 @@ def run(cfg, run_dir: Path) -> RunResults:
 
         method.before_task(ctx)
         curves.start_stage(t, stage_dir)
+
+        def on_step(step: int, _t=t) -> None:
+            curves.on_step(step)
+            maybe_kill("step", _t)
+
         stats = engine.fit(ctx, method, method.train_records(ctx), int(cfg.trainer.epochs), optimizer_factory,
-                           on_step=curves.on_step, description=f"task {t + 1}/{len(benchmark.tasks)}")
+                           on_step=on_step, description=f"task {t + 1}/{len(benchmark.tasks)}")
         method.after_task(ctx)
 
         model_for_eval = method.eval_model(engine.model)
-        row, metrics, predictions = [], {}, []
-        for seen in benchmark.tasks[: t + 1]:
-            score, task_metrics, items = evaluate_task(model_for_eval, tokenizer, seen, cfg.eval)
-            row.append(score)
-            metrics[seen.name] = task_metrics
-            predictions.extend(items)
-        probe_score = None
-        if probe is not None:
-            probe_score, probe_items = probe.evaluate(model_for_eval, tokenizer, cfg.eval)
-            metrics["probe"] = {probe.name: probe_score}
-            predictions.extend({"task": probe.name, **item} for item in probe_items)
+        row, probe_score, metrics, predictions = evaluate_stage(model_for_eval, tokenizer, benchmark.tasks[: t + 1],
+                                                                probe, cfg.eval, t)
         metrics["train"] = stats
 
         write_jsonl(stage_dir / "predictions.jsonl", predictions)
@@ -106,6 +120,7 @@ def run(cfg, run_dir: Path) -> RunResults:
             model_for_eval.save_pretrained(stage_dir / "checkpoint")
             tokenizer.save_pretrained(stage_dir / "checkpoint")
         save_stage_state(run_dir, t, engine.model, method, engine)
+        maybe_kill("commit", t)
         results.add_stage(row, probe_score)
         results.save(run_dir)  # the commit: results.json names the stages that are complete
         prune_checkpoints(run_dir, keep=t)
