@@ -1,4 +1,5 @@
-"""Load the model and tokenizer a config names: the embedded miniature, a local directory, or the hub.
+"""Load the model and tokenizer (or processor) a config names: the embedded miniature, a tiny random
+member of a real family (`source: tiny_config`), a local directory, or the hub.
 
 Hub downloads happen only when `model.download=true`; otherwise a missing model fails at once with
 the key to set, instead of hanging on a network that a cluster node or this machine may not have.
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from piece_cl.data.multimodal import is_multimodal
 from piece_cl.errors import PieceError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,23 +48,58 @@ def check_available(model_cfg) -> None:
         _locate(model_cfg)
 
 
+def _prepare_tokenizer(tokenizer, name: str) -> None:
+    """Left padding (batched generation) and a pad token (the EOS when the checkpoint has none)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise PieceError(f"tokenizer of '{name}' has neither a pad nor an eos token; add one to its files")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _apply_chat_template_flag(model_cfg, processor) -> None:
+    """`model.chat_template` decides whether prompts go through the processor's template.
+
+    The paper ran the language models on raw prompts; only the multimodal ones use a template, and
+    dropping it from the processor is what makes the collator and generation use the raw prompt.
+    """
+    wants_template = bool(model_cfg.get("chat_template", False))
+    if not is_multimodal(processor):
+        if wants_template:
+            raise PieceError(f"model '{model_cfg.name}': model.chat_template=true is supported for multimodal models "
+                             "only (the language models run on raw prompts, as the authors ran them)")
+        return
+    if wants_template and not getattr(processor, "chat_template", None):
+        raise PieceError(f"model '{model_cfg.name}' has no chat template in its processor; set model.chat_template=false")
+    if not wants_template:
+        processor.chat_template = None
+
+
 def load_model(cfg):
-    """(model, tokenizer_or_processor) for `cfg.model`."""
+    """(model, tokenizer) for language models, (model, processor) for multimodal ones (`model.multimodal`)."""
     model_cfg = cfg.model
     if model_cfg.source == "embedded":
         from piece_cl.models.pretrain import load_miniature
 
         return load_miniature(model_cfg, Path(cfg.paths.cache_dir).expanduser())
-    if model_cfg.source != "pretrained":
-        raise PieceError(f"unknown model.source '{model_cfg.source}'; use embedded or pretrained")
-    path, local_only = _locate(model_cfg)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     dtype = torch_dtype(model_cfg.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only, padding_side="left")
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
-            raise PieceError(f"tokenizer of '{path}' has neither a pad nor an eos token; add one to its files")
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
-    return model, tokenizer
+    if model_cfg.source == "tiny_config":
+        from piece_cl.models.families import build_tiny
+
+        arch = dict(model_cfg.get("arch") or {})
+        model, processor = build_tiny(model_cfg.family, arch, seed=int(model_cfg.get("init_seed", 0)), dtype=dtype)
+    elif model_cfg.source == "pretrained":
+        path, local_only = _locate(model_cfg)
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+        if model_cfg.get("multimodal", False):
+            processor = AutoProcessor.from_pretrained(path, local_files_only=local_only)
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=local_only)
+        else:
+            processor = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
+    else:
+        raise PieceError(f"unknown model.source '{model_cfg.source}'; use embedded, pretrained or tiny_config")
+    _prepare_tokenizer(getattr(processor, "tokenizer", processor), str(model_cfg.get("path") or model_cfg.name))
+    _apply_chat_template_flag(model_cfg, processor)
+    return model, processor

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from piece_cl.data.collate import collate, encode_all
+from piece_cl.data.multimodal import MultimodalCollator, is_multimodal
 from piece_cl.errors import PieceError
 from piece_cl.progress import progress
 
@@ -37,6 +38,9 @@ class TorchEngine:
         self.batch_size = int(trainer_cfg.batch_size)
         self.micro_batch_size = min(int(trainer_cfg.micro_batch_size), self.batch_size)
         self.global_step = 0
+        # multimodal models get a processor: images and prompts go through it (data/multimodal.py)
+        self.multimodal_collator = MultimodalCollator(tokenizer, int(trainer_cfg.max_answer_len)) \
+            if is_multimodal(tokenizer) else None
 
     # -- gradients, engine-agnostic -------------------------------------------------------------
     def get_grad(self, name: str, param: nn.Parameter) -> torch.Tensor | None:
@@ -47,10 +51,15 @@ class TorchEngine:
 
     # -- data -----------------------------------------------------------------------------------
     def encode(self, records: list[dict]) -> list[dict]:
+        if self.multimodal_collator is not None:
+            return self.multimodal_collator.encode(records)
         return encode_all(self.tokenizer, records, int(self.cfg.max_prompt_len), int(self.cfg.max_answer_len))
 
     def batch(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        batch = collate(features, self.tokenizer.pad_token_id, side="right")
+        if self.multimodal_collator is not None:
+            batch = self.multimodal_collator(features)
+        else:
+            batch = collate(features, self.tokenizer.pad_token_id, side="right")
         return {k: v.to(self.device) for k, v in batch.items()}
 
     @torch.no_grad()
