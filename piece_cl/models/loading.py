@@ -30,6 +30,8 @@ def _locate(model_cfg) -> tuple[str, bool]:
         raise PieceError(f"model '{model_cfg.name}' has no weights configured: set model.path=/path/to/local/copy")
     if Path(path).expanduser().is_dir():
         return str(Path(path).expanduser()), True
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:  # a filesystem path, not a hub name
+        raise PieceError(f"model '{model_cfg.name}': directory {path} not found; set model.path=/path/to/local/copy")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or not model_cfg.get("download", False)
     if offline:
         from huggingface_hub import try_to_load_from_cache
