@@ -19,3 +19,7 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"benchmark data not found at {SHARED_DATA} (set PIECE_SHARED_DATA)")
     return SHARED_DATA
+
+# The pretrained miniature is cached once per checkout (.cache/ is git-ignored) and shared by every
+# test that runs the embedded benchmark; a fresh clone pretrains it once.
+os.environ.setdefault("PIECE_CACHE_DIR", str(ROOT / ".cache" / "piece_cl"))
