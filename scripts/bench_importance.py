@@ -2,7 +2,8 @@
 
 The floor is one ordinary batched forward+backward over the same samples (chunks of --chunk, answer-token
 log-likelihood summed, weight gradients accumulated): any exact method pays at least that. Each path runs
-in its own subprocess so peak RSS is its own; time is the median of --repeats runs after one warm-up.
+in its own subprocess so peak RSS is its own; times come from one more subprocess that runs the paths
+round-robin (one warm-up round, then the median of --repeats rounds), so load drift hits all alike.
 Prints ratios side by side and the max relative difference (max|a-b| / max|b| per tensor) to the loop.
 
     .venv/bin/python scripts/bench_importance.py            # tiny Llama: hidden 256, 4 layers, 64 x 128 tokens
@@ -112,27 +113,32 @@ def run_hooks(model, batches, device, params):
 
 
 def worker(args) -> None:
-    """One path in this process: warm-up, timed repeats, peak RSS; scores to --out for the diff."""
+    """--worker PATH: one run of PATH, its peak RSS and scores (to --out). --worker time: all paths timed
+    round-robin in this one process, so load changes on a shared machine hit every path alike."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(args.threads)
     model, batches = build(args, device)
     params = eligible_parameters(model)
-    run = globals()[f"run_{args.worker}"]
-    baseline_rss = _current_rss_mb()
-    result = run(model, batches, device, params)
-    times = []
-    for _ in range(args.repeats):
-        _sync(device)
-        start = time.perf_counter()
-        result = run(model, batches, device, params)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    if result is not None:
-        torch.save({n: t.float().cpu() for n, t in result.items()}, args.out)
-    report = {"time": statistics.median(times), "times": times, "peak_rss_mb": _peak_rss_mb(), "setup_rss_mb": baseline_rss}
-    if device == "cuda":
-        report["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    print(json.dumps(report))
+    if args.worker != "time":
+        setup_rss = _current_rss_mb()
+        result = globals()[f"run_{args.worker}"](model, batches, device, params)
+        if result is not None:
+            torch.save({n: t.float().cpu() for n, t in result.items()}, args.out)
+        report = {"peak_rss_mb": _peak_rss_mb(), "setup_rss_mb": setup_rss}
+        if device == "cuda":
+            report["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return print(json.dumps(report))
+    paths = args.paths.split(",")
+    times = {path: [] for path in paths}
+    for repeat in range(args.repeats + 1):  # round 0 is the warm-up
+        for path in paths:
+            _sync(device)
+            start = time.perf_counter()
+            globals()[f"run_{path}"](model, batches, device, params)
+            _sync(device)
+            if repeat:
+                times[path].append(time.perf_counter() - start)
+    print(json.dumps(times))
 
 
 def _sync(device):
@@ -164,23 +170,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads per path")
     parser.add_argument("--paths", default=",".join(PATHS))
-    parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=PATHS + ("time",), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
     results, scores = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for path in args.paths.split(","):
+        for path in args.paths.split(",") + ["time"]:
             out = Path(tmp) / f"{path}.pt"
             cmd = [sys.executable, __file__, "--worker", path, "--out", str(out)] + _forwarded(args)
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             results[path] = json.loads(done.stdout.strip().splitlines()[-1])
             if out.exists():
                 scores[path] = torch.load(out)
+    times = results.pop("time")
+    for path, r in results.items():
+        r["time"] = statistics.median(times[path])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device {device}, torch threads {args.threads}, load average {os.getloadavg()[0]:.1f}; "
-          f"Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.samples} x {args.tokens} tokens, chunk {args.chunk}")
+          f"Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.samples} x {args.tokens} tokens, "
+          f"chunk {args.chunk}; time = median of {args.repeats} round-robin repeats")
     floor = results.get("floor")
     loop = results.get("loop")
     print(f"{'path':8} {'time s':>8} {'x floor':>8} {'x loop':>8} {'peak RSS MB':>12} {'RSS x loop':>10} {'max rel diff vs loop':>21}")
@@ -189,6 +199,7 @@ def main() -> None:
         print(f"{path:8} {r['time']:8.3f} {_ratio(r['time'], floor, 'time'):>8} {_ratio(r['time'], loop, 'time'):>8} "
               f"{r['peak_rss_mb']:12.0f} {_ratio(r['peak_rss_mb'], loop, 'peak_rss_mb'):>10} {diff:21.2e}"
               + (f"   cuda peak {r['peak_cuda_mb']:.0f} MB" if "peak_cuda_mb" in r else ""))
+    print("all times:", {p: [round(t, 3) for t in ts] for p, ts in times.items()})
 
 
 def _ratio(value, reference, key) -> str:
@@ -196,7 +207,7 @@ def _ratio(value, reference, key) -> str:
 
 
 def _forwarded(args) -> list[str]:
-    keys = ("hidden", "layers", "vocab", "samples", "tokens", "chunk", "repeats", "threads")
+    keys = ("hidden", "layers", "vocab", "samples", "tokens", "chunk", "repeats", "threads", "paths")
     return [x for k in keys for x in (f"--{k}", str(getattr(args, k)))]
 
 
