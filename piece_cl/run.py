@@ -114,16 +114,19 @@ def run(cfg, run_dir: Path) -> RunResults:
                                                                 probe, cfg.eval, t)
         metrics["train"] = stats
 
-        write_jsonl(stage_dir / "predictions.jsonl", predictions)
-        atomic_write_json(stage_dir / "metrics.json", metrics)
-        if cfg.save_checkpoints:
-            model_for_eval.save_pretrained(stage_dir / "checkpoint")
-            tokenizer.save_pretrained(stage_dir / "checkpoint")
-        save_stage_state(run_dir, t, engine.model, method, engine)
+        # Every rank trained and evaluated the same stage (the model is whole between fits); rank 0 writes.
+        if engine.is_main:
+            write_jsonl(stage_dir / "predictions.jsonl", predictions)
+            atomic_write_json(stage_dir / "metrics.json", metrics)
+            if cfg.save_checkpoints:
+                model_for_eval.save_pretrained(stage_dir / "checkpoint")
+                tokenizer.save_pretrained(stage_dir / "checkpoint")
+            save_stage_state(run_dir, t, engine.model, method, engine)
         maybe_kill("commit", t)
         results.add_stage(row, probe_score)
-        results.save(run_dir)  # the commit: results.json names the stages that are complete
-        prune_checkpoints(run_dir, keep=t)
+        if engine.is_main:
+            results.save(run_dir)  # the commit: results.json names the stages that are complete
+            prune_checkpoints(run_dir, keep=t)
         summary = results.to_dict()
         console.print(f"stage {t + 1}/{len(benchmark.tasks)} {task.name}: score {row[-1]:.2f}  "
                       f"OP {summary['OP'][-1]:.2f}  BWT {summary['BWT'][-1]:.2f}"
