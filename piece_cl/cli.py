@@ -71,7 +71,7 @@ def library_versions() -> dict[str, str]:
 
 
 # Keys that may change between a run and its resumption.
-VOLATILE = ("resume", "verbose", "run_dir", "world_size", "versions", "overrides")
+VOLATILE = ("resume", "verbose", "run_dir", "world_size", "distributed", "versions", "overrides")
 
 
 def _flatten(node, prefix: str = "") -> dict:
@@ -156,7 +156,12 @@ def _main(cfg: DictConfig) -> None:
         write_config(cfg, run_dir)
 
         console.print(f"[bold]piece-run[/] {cfg.run_name} -> {run_dir}")
-        results = run(cfg, run_dir)
+        if cfg.trainer.engine == "deepspeed":  # ranks read config.yaml; none of them runs Hydra
+            from piece_cl.launch import launch
+
+            results = launch(cfg, run_dir)
+        else:
+            results = run(cfg, run_dir)
         console.print(results.matrix_text())
         print(f"results: {run_dir / 'results.json'}")
     except PieceError as err:
