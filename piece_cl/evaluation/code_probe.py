@@ -1,0 +1,68 @@
+"""Pass@1 of a model on HumanEval-format problems, by executing their unit tests in the sandbox.
+
+Used for mini-HumanEval (the miniature's probe) and for the real HumanEval (164 problems).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from piece_cl.evaluation.generation import generate
+from piece_cl.evaluation.sandbox import check_programs
+
+# lm-evaluation-harness's HumanEval stop sequences: a new top-level statement ends the function.
+STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+
+
+def postprocess_completion(text: str, style: str = "authors") -> str:
+    """The function body to execute from a raw completion.
+
+    "authors" (NOTES §3): strip leading newlines, then cut at the first blank line.
+    "stop_sequences": cut at the first lm-evaluation-harness stop sequence.
+    """
+    if style == "authors":
+        return text.lstrip("\n").split("\n\n")[0]
+    if style == "stop_sequences":
+        cut = min((i for i in (text.find(s) for s in STOP_SEQUENCES) if i >= 0), default=len(text))
+        return text[:cut]
+    raise ValueError(f"unknown completion style '{style}' (authors | stop_sequences)")
+
+
+def build_program(problem: dict, completion: str) -> str:
+    """A complete program that exits non-zero when the completion fails the problem's tests."""
+    return problem["prompt"] + completion + "\n" + problem["test"] + f"\ncheck({problem['entry_point']})\n"
+
+
+@dataclass
+class CodeProbe:
+    """A general-ability probe: greedy (or configured) completions, scored by their unit tests."""
+
+    name: str
+    problems: list[dict]
+    max_new_tokens: int = 128
+    timeout: float = 5.0
+    batch_size: int | None = None  # None: the eval config's batch size
+    style: str = "authors"
+
+    def evaluate(self, model, tokenizer, gen_cfg) -> tuple[float, list[dict]]:
+        """(pass@1 on 0..100, one record per problem with its completion and execution status)."""
+        raw = generate(
+            model,
+            tokenizer,
+            [p["prompt"] for p in self.problems],
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size or gen_cfg.get("batch_size", 16),
+            do_sample=gen_cfg.get("do_sample", False),
+            top_k=gen_cfg.get("top_k"),
+            top_p=gen_cfg.get("top_p"),
+            temperature=gen_cfg.get("temperature"),
+            seed=gen_cfg.get("seed"),
+        )
+        completions = [postprocess_completion(text, self.style) for text in raw]
+        results = check_programs([build_program(p, c) for p, c in zip(self.problems, completions)],
+                                 timeout=self.timeout)
+        records = [
+            {"task_id": p["task_id"], "completion": c, "passed": r.passed, "status": r.status}
+            for p, c, r in zip(self.problems, completions, results)
+        ]
+        score = 100.0 * sum(r.passed for r in results) / len(results) if results else 0.0
+        return score, records

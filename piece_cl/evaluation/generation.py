@@ -1,0 +1,75 @@
+"""Batched generation for evaluation: left padding, KV cache, greedy (deterministic) by default.
+
+Prompts are sorted by length before batching so that a batch wastes little on padding; the
+outputs are returned in the caller's order.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from piece_cl.data.multimodal import is_multimodal, processor_inputs, text_tokenizer
+from piece_cl.errors import PieceError
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    images: list[str] | None = None,
+) -> list[str]:
+    """The new text generated after each prompt (special tokens stripped), in the order of `prompts`.
+
+    `progress(done, total)` is called after every batch. Sampling draws from its own RNG stream
+    seeded by `seed`, so evaluation never disturbs the training RNG. For a multimodal model `tokenizer`
+    is its processor and `images` holds one image path per prompt.
+    """
+    if images is not None and (len(images) != len(prompts) or not is_multimodal(tokenizer)):
+        raise PieceError(f"generate: {len(images)} images for {len(prompts)} prompts need as many, and a multimodal model")
+    processor, tokenizer = tokenizer, text_tokenizer(tokenizer)
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    sampling = {"do_sample": True, "top_k": top_k, "top_p": top_p, "temperature": temperature} if do_sample else {
+        "do_sample": False, "top_k": None, "top_p": None, "temperature": None}
+    outputs: list[str] = [""] * len(prompts)
+    was_training, padding_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                batch_prompts = [prompts[i] for i in batch]
+                if images is None:
+                    encoded = tokenizer(batch_prompts, return_tensors="pt", padding=True).to(device)
+                else:
+                    encoded = processor_inputs(processor, batch_prompts, [images[i] for i in batch]).to(device)
+                with torch.no_grad():
+                    generated = model.generate(
+                        **encoded,
+                        max_new_tokens=max_new_tokens,
+                        pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id,
+                        **sampling,
+                    )
+                new_tokens = generated[:, encoded["input_ids"].shape[1]:]
+                for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                    outputs[i] = text
+                if progress is not None:
+                    progress(min(start + batch_size, len(order)), len(order))
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return outputs

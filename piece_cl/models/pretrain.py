@@ -1,0 +1,120 @@
+"""Give the miniature a general skill to lose: pretrain it once on mini-HumanEval, cache the result.
+
+The cache directory is keyed by a hash of everything that determines the pretrained weights (the
+architecture, tokenizer and pretraining settings of the model config, and the data version), so
+changing the fine-tuning learning rate reuses it while changing a layer count does not. It is
+written to a temporary directory and renamed into place, so a crash or a concurrent run never
+leaves a half-written model behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from piece_cl.data import mini_humaneval, tiny_tasks
+from piece_cl.models.tiny import build_tiny_model, build_tokenizer
+
+
+def cache_key(model_cfg: DictConfig) -> str:
+    """Hash of the parts of the model config (plus data version) that decide the pretrained weights."""
+    node = OmegaConf.to_container(model_cfg, resolve=True)
+    keyed = {k: node.get(k) for k in ("arch", "tokenizer", "pretrain", "dtype")}
+    keyed["data"] = mini_humaneval.DATA_VERSION
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_miniature(model_cfg: DictConfig, cache_dir: str | Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """The pretrained miniature, from the cache when present, else pretrained now and cached."""
+    target = Path(cache_dir) / "miniature" / cache_key(model_cfg)
+    if not (target / "config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+        try:
+            model, tokenizer = pretrain(model_cfg)
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            os.rename(staging, target)  # atomic; fails if another run cached the same key first
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(target)
+    model = LlamaForCausalLM.from_pretrained(target, dtype=getattr(torch, model_cfg.get("dtype", "float32")))
+    return model, tokenizer
+
+
+def _encode(tokenizer, problem: dict) -> list[int]:
+    """Prompt and solution tokenised separately, as generation will see them, then EOS."""
+    prompt = tokenizer(problem["prompt"])["input_ids"]
+    solution = tokenizer(problem["canonical_solution"])["input_ids"]
+    return prompt + solution + [tokenizer.eos_token_id]
+
+
+def pretrain(model_cfg: DictConfig) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """Train a fresh miniature as a language model on mini-HumanEval training problems (prompt + solution)."""
+    settings = model_cfg.pretrain
+    torch.manual_seed(settings.seed)
+    problems = mini_humaneval.training_problems(settings.problems, seed=settings.seed)
+    corpus = [mini_humaneval.as_lm_text(p) for p in problems] + tiny_tasks.tokenizer_corpus()
+    tokenizer = build_tokenizer(corpus, model_cfg.tokenizer.vocab_size)
+    model = build_tiny_model(OmegaConf.to_container(model_cfg.arch, resolve=True), tokenizer)
+    sequences = [_encode(tokenizer, p) for p in problems]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = max(1, settings.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / settings.steps))))
+    generator = torch.Generator().manual_seed(settings.seed)
+    model.train()
+    started, loss = time.perf_counter(), float("nan")
+    columns = [TextColumn("pretraining miniature"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+               TimeRemainingColumn()]
+    with Progress(*columns, transient=True) as progress:
+        bar = progress.add_task("pretrain", total=settings.steps, loss="-")
+        for step, batch in zip(range(settings.steps), _length_bucketed_batches(sequences, settings.batch_size, generator)):
+            input_ids, labels = _pad(batch, tokenizer.pad_token_id)
+            loss = model(input_ids=input_ids, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.update(bar, advance=1, loss=f"{loss.item():.3f}")
+    print(f"pretrained miniature: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+          f"{settings.steps} steps on {len(problems)} mini-HumanEval problems, final loss {loss.item():.3f}, "
+          f"{time.perf_counter() - started:.0f}s")
+    model.eval()
+    return model, tokenizer
+
+
+def _length_bucketed_batches(sequences: list[list[int]], batch_size: int, generator: torch.Generator,
+                             bucket: int = 16):
+    """Endless random batches of similar lengths (less padding: CPU time is the budget here)."""
+    while True:
+        drawn = torch.randint(len(sequences), (batch_size * bucket,), generator=generator).tolist()
+        drawn.sort(key=lambda i: len(sequences[i]))
+        chunks = [drawn[i:i + batch_size] for i in range(0, len(drawn), batch_size)]
+        for c in torch.randperm(len(chunks), generator=generator).tolist():
+            yield [sequences[i] for i in chunks[c]]
+
+
+def _pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and LM labels (-100 on padding; causal attention needs no mask then)."""
+    width = max(map(len, batch))
+    input_ids = torch.full((len(batch), width), pad_id)
+    labels = torch.full((len(batch), width), -100)
+    for row, ids in enumerate(batch):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, :len(ids)] = torch.tensor(ids)
+    return input_ids, labels
