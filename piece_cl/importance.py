@@ -161,7 +161,10 @@ class _PerSampleHooks:
                 moments.add(torch.bmm(d[lo : lo + step].to(acc).transpose(1, 2), x[lo : lo + step].to(acc)))
 
     def _generic(self, module: nn.Module, args: tuple, kwargs: dict, d: Tensor) -> None:
-        """Per-sample gradients of a module's own parameters by vmap over the batch of <d_n, f(x_n)>."""
+        """Per-sample gradients of a module's own parameters by vmap over the batch of <d_n, f(x_n)>.
+
+        Assumes the first positional input carries the batch; other inputs are passed unbatched.
+        """
         owned = self.owned[module]
         acc = self.moments[owned[0][1]].sq.dtype
         params = {attr: getattr(module, attr).detach().to(acc) for attr, _ in owned}
