@@ -1,0 +1,33 @@
+"""LayerNorm: only the normalisation weights train; every other parameter stays bit-identical.
+
+Norms of all five architectures: input/post-attention (Llama, Qwen3), pre/post-feedforward (Gemma2),
+q/k norms (Qwen3), the final norm — matched by a module name containing "norm". Norms of a vision
+tower (LLaVA's CLIP, Qwen3-VL's `visual`) are excluded: the baseline tunes the language model.
+
+Cost: Adam state for the norm weights only (≈0.01% of the model); a step still back-propagates
+through every layer but forms no weight gradients for the linears.
+"""
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from piece_cl.methods.base import Method, register_method
+
+NORM_PATTERN = re.compile(r"(^|\.)[^.]*norm[^.]*\.(weight|bias)$", re.IGNORECASE)
+VISION_PATTERN = re.compile(r"(^|\.)(vision_tower|vision_model|visual)\.")
+
+
+def is_norm(name: str) -> bool:
+    return bool(NORM_PATTERN.search(name)) and not VISION_PATTERN.search(name)
+
+
+@register_method
+class LayerNorm(Method):
+    name = "layernorm"
+
+    def setup(self, model: nn.Module) -> nn.Module:
+        for name, param in model.named_parameters():
+            param.requires_grad_(is_norm(name))
+        return model
