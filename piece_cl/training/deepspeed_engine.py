@@ -163,6 +163,8 @@ class DeepSpeedEngine(TorchEngine):
                 _unpartition(self._wrapped)  # destroys the wrapper once the full tensors are copied
             else:
                 self._wrapped.destroy()
+                for param in self.model.parameters():  # ZeRO-1/2 left them as views of one flat buffer
+                    param.data = param.data.clone()
         self._wrapped, self._client = None, None
 
     def _step(self, ctx, method, optimizer, params, chunk: list[dict]) -> float:
