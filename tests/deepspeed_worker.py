@@ -44,7 +44,7 @@ def main(out: str, overrides: list[str]) -> None:
     factory = instantiate(cfg.optimizer)
     tasks = [tiny_tasks.build_task(name, 24, 4, 4, seed=0) for name in TASKS]
     before = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
-    stats, masks, started = [], [], time.perf_counter()
+    stats, masks, fit_seconds = [], [], 0.0
     with tempfile.TemporaryDirectory() as scratch:
         for t, task in enumerate(tasks):
             stage_dir = Path(scratch) / f"rank{engine.rank}_stage{t}"
@@ -54,12 +54,13 @@ def main(out: str, overrides: list[str]) -> None:
             ctx.fit = lambda records, epochs=None, _ctx=ctx: engine.fit(_ctx, method, records, epochs or 1, factory)
             method.before_task(ctx)
             masks.append({k: v.clone() for k, v in getattr(method, "masks", {}).items()})  # PIECE's selections
+            started = time.perf_counter()
             stats.append(engine.fit(ctx, method, method.train_records(ctx), int(cfg.trainer.epochs), factory))
+            fit_seconds += time.perf_counter() - started
             method.after_task(ctx)
-    seconds = time.perf_counter() - started
     if engine.is_main:
         torch.save({"before": before, "after": {k: v.detach().clone() for k, v in engine.model.state_dict().items()},
-                    "stats": stats, "masks": masks, "world_size": engine.world_size, "seconds": seconds,
+                    "stats": stats, "masks": masks, "world_size": engine.world_size, "fit_seconds": fit_seconds,
                     "steps": sum(s["steps"] for s in stats),
                     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, out)
     if cfg.trainer.engine == "deepspeed":
