@@ -14,7 +14,6 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
-    CLIPImageProcessor,
     CLIPVisionConfig,
     Gemma2Config,
     LlamaConfig,
@@ -25,6 +24,8 @@ from transformers import (
     Qwen3VLConfig,
     Qwen3VLProcessor,
 )
+# the PIL image processors: the default (torchvision) backends are not installed here
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from piece_cl.errors import PieceError
@@ -150,7 +151,7 @@ def tiny_processor(family: str, arch: dict | None = None):
         return tiny_tokenizer(arch["vocab_size"])
     if family == "llava":
         tokenizer = tiny_tokenizer(arch["vocab_size"], (LLAVA_IMAGE_TOKEN,))
-        images = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        images = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
         return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=arch["patch_size"],
                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
                               chat_template=LLAVA_CHAT_TEMPLATE)
