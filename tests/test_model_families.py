@@ -131,3 +131,21 @@ def test_images_without_processor_refused():
     model, tokenizer = build_tiny("llama")
     with pytest.raises(PieceError, match="multimodal"):
         generate(model, tokenizer, ["x"], max_new_tokens=2, images=["a.jpg"])
+
+
+def test_official_sampling_is_seeded_and_leaves_training_rng_alone():
+    from piece_cl.cli import CONFIG_DIR
+
+    sampler = OmegaConf.load(CONFIG_DIR / "eval" / "official_sampling.yaml")
+    model, tokenizer = build_tiny("qwen3")
+    prompts = [r["prompt"] for r in TEXT_RECORDS]
+    kwargs = dict(max_new_tokens=8, batch_size=3, do_sample=True, top_k=sampler.top_k, top_p=sampler.top_p,
+                  temperature=sampler.temperature)
+    torch.manual_seed(0)
+    expected_next = torch.rand(1)
+    torch.manual_seed(0)
+    first = generate(model, tokenizer, prompts, seed=7, **kwargs)
+    assert torch.equal(torch.rand(1), expected_next)  # sampling drew from its own RNG stream
+    assert generate(model, tokenizer, prompts, seed=7, **kwargs) == first
+    draws = {tuple(generate(model, tokenizer, prompts, seed=seed, **kwargs)) for seed in range(4)}
+    assert len(draws) > 1  # a sampler, not greedy in disguise
