@@ -38,8 +38,8 @@ def make_task(name, seed, n=16):
     return Task(name=name, metric="choice", train=records, eval=records[:4], test=records[:4])
 
 
-def compose_cfg(overrides):
-    base = ["method=piece_s", "trainer.device=cpu", "trainer.batch_size=8", "trainer.micro_batch_size=4",
+def compose_cfg(overrides, method="piece_s"):
+    base = [f"method={method}", "trainer.device=cpu", "trainer.batch_size=8", "trainer.micro_batch_size=4",
             "trainer.max_prompt_len=32", "trainer.max_answer_len=8", "model.epochs=1", "method.lr=1e-2",
             "method.ratio=0.01", "method.importance.samples=12"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -57,8 +57,8 @@ def tiny_llama(dtype=torch.float32):
 class Run:
     """The loop of run.py reduced to training: before_task -> fit -> after_task per stage."""
 
-    def __init__(self, tmp_path, overrides=(), dtype=torch.float32):
-        self.cfg = compose_cfg(list(overrides))
+    def __init__(self, tmp_path, overrides=(), dtype=torch.float32, method="piece_s"):
+        self.cfg = compose_cfg(list(overrides), method)
         self.method = build_method(self.cfg.method)
         self.model = self.method.setup(tiny_llama(dtype))
         self.engine = TorchEngine(self.cfg.trainer, self.model, CharTokenizer())
@@ -112,10 +112,11 @@ def no_dense_gradients(run):
     assert not held, f"dense gradients kept for {held[:3]}"
 
 
-@pytest.mark.parametrize("overrides", [["optimizer.weight_decay=0.1", "optimizer.eps=1e-3"], ["method.fast_linear=false"]],
-                         ids=["fast_linear_weight_decay", "hooks_plain"])
-def test_every_stage_changes_only_its_mask(tmp_path, overrides):
-    run = Run(tmp_path, overrides)
+@pytest.mark.parametrize("method,overrides", [("piece_s", ["optimizer.weight_decay=0.1", "optimizer.eps=1e-3"]),
+                                              ("piece_f", ["method.fast_linear=false"])],
+                         ids=["piece_s_fast_linear_weight_decay", "piece_f_hooks"])
+def test_every_stage_changes_only_its_mask(tmp_path, method, overrides):
+    run = Run(tmp_path, overrides, method=method)
     total = sum(p.numel() for p in run.model.parameters())
     for t in range(2):
         task = make_task(f"task{t}", seed=t)
