@@ -117,7 +117,7 @@ class TorchEngine:
                 raise PieceError(f"non-finite loss ({float(loss)}) in task '{ctx.task.name}' at step {self.global_step}; "
                                  "stage stopped, earlier stages are kept (lower the learning rate?)")
             (loss * (len(micro) / len(chunk))).backward()
-            total += float(loss) * len(micro) / len(chunk)
+            total += float(loss.detach()) * len(micro) / len(chunk)
         method.after_backward(ctx)
         clip = float(self.cfg.grad_clip or 0)
         if clip > 0:
