@@ -71,7 +71,8 @@ def library_versions() -> dict[str, str]:
 
 
 # Keys that may change between a run and its resumption.
-VOLATILE = ("resume", "verbose", "run_dir", "world_size", "distributed", "versions", "overrides")
+VOLATILE = ("resume", "verbose", "run_dir", "world_size", "distributed", "versions", "overrides",
+            "trainer.nproc_per_node", "trainer.master_port")
 
 
 def _flatten(node, prefix: str = "") -> dict:
@@ -85,8 +86,11 @@ def _flatten(node, prefix: str = "") -> dict:
 
 def config_difference(old: dict, new: dict) -> str | None:
     """The first setting that differs between two resolved configs, ignoring VOLATILE keys."""
-    a = {k: v for k, v in _flatten(old).items() if k.split(".")[0] not in VOLATILE}
-    b = {k: v for k, v in _flatten(new).items() if k.split(".")[0] not in VOLATILE}
+    def kept(key: str) -> bool:
+        return key.split(".")[0] not in VOLATILE and ".".join(key.split(".")[:2]) not in VOLATILE
+
+    a = {k: v for k, v in _flatten(old).items() if kept(k)}
+    b = {k: v for k, v in _flatten(new).items() if kept(k)}
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
             return f"{key}: {a.get(key, '<unset>')} in the run, {b.get(key, '<unset>')} now"

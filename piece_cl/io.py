@@ -30,3 +30,15 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def atomic_save_safetensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> None:
+    """safetensors file written under a temporary name, fsynced and renamed (masks, stage state)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

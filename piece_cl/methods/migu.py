@@ -25,9 +25,9 @@ import math
 import re
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from piece_cl.io import atomic_save_safetensors
 from piece_cl.importance import select_top_k
 from piece_cl.methods.base import Method, StageContext, register_method
 from piece_cl.methods.ewc import sample_records
@@ -121,7 +121,9 @@ class MIGU(Method):
                 (chosen[name][:, None] * cols + torch.arange(cols)[None, :])
             masks[name] = index.flatten().sort().values.contiguous()
         self.masked = set(chosen)
-        save_file(masks, str(ctx.stage_dir / "mask.safetensors"), metadata={"fully_trainable": ",".join(sorted(full))})
+        if ctx.engine.is_main:  # every rank holds the same mask; one writes it
+            atomic_save_safetensors(ctx.stage_dir / "mask.safetensors", masks,
+                                    metadata={"fully_trainable": ",".join(sorted(full))})
         entries = sum(m.numel() for m in masks.values())
         ctx.log(f"migu ({self.cfg.variant}): {entries} entries in {len(masks)} tensors unmasked, "
                 f"{len(full)} fully trainable, {len(self.eligible) - len(masks) - len(full)} frozen")

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from piece_cl.errors import PieceError
+from piece_cl.io import atomic_save_safetensors
 from piece_cl.importance import DEFAULT_XI, eligible_parameters, estimate, select_top_k
 from piece_cl.methods.base import Method, StageContext
 from piece_cl.training.sparse import AdamSettings, SparseMaskedAdam
@@ -52,7 +52,8 @@ class Piece(Method):
         total = sum(p.numel() for p in model.parameters())  # |θ| with embeddings, as the authors counted
         self.masks = select_top_k(scores, float(self.cfg.ratio), total=total)
         del scores
-        save_file({name: idx.contiguous() for name, idx in self.masks.items()}, str(ctx.stage_dir / "mask.safetensors"))
+        if ctx.engine.is_main:  # every rank holds the same mask; one writes it
+            atomic_save_safetensors(ctx.stage_dir / "mask.safetensors", {n: i.contiguous() for n, i in self.masks.items()})
         empty = [name for name, _ in eligible if name not in self.masks]
         self.fully_trained = empty if self.cfg.unselected == "train" else []
         k = sum(idx.numel() for idx in self.masks.values())

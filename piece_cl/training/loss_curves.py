@@ -23,4 +23,5 @@ class LossCurves:
         for name, records in self.held_out.items():
             if records:
                 self.rows.append(f"{global_step},{self.stage},{name},{self.engine.mean_loss(records):.6f}")
-        atomic_write_text(self.path, "global_step,stage,task,loss\n" + "\n".join(self.rows) + "\n")
+        if self.engine.is_main:
+            atomic_write_text(self.path, "global_step,stage,task,loss\n" + "\n".join(self.rows) + "\n")
