@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 # Bump when templates change: the pretraining cache is keyed on it.
-DATA_VERSION = "mini-humaneval-v1"
+DATA_VERSION = "mini-humaneval-v3"
 
 _WORDS = ["cat", "tree", "moon", "river", "stone", "apple", "cloud", "piano", "lemon", "tiger"]
 _LETTERS = "abcdefghij"
@@ -35,10 +35,6 @@ class Family:
 
 def _k(lo: int, hi: int) -> Callable[[random.Random], dict]:
     return lambda rng: {"a": rng.randint(lo, hi)}
-
-
-def _ab(lo: int, hi: int, lo_b: int, hi_b: int) -> Callable[[random.Random], dict]:
-    return lambda rng: {"a": rng.randint(lo, hi), "b": rng.randint(lo_b, hi_b)}
 
 
 def _int(rng: random.Random) -> tuple:
@@ -62,8 +58,6 @@ FAMILIES: list[Family] = [
     Family("add_constant", "x: int) -> int", "Return x plus {a}.", "    return x + {a}\n", _k(2, 49), _int),
     Family("subtract_constant", "x: int) -> int", "Return x minus {a}.", "    return x - {a}\n", _k(2, 49), _int),
     Family("multiply", "x: int) -> int", "Return x times {a}.", "    return x * {a}\n", _k(2, 19), _int),
-    Family("affine", "x: int) -> int", "Return x times {a} plus {b}.", "    return x * {a} + {b}\n",
-           _ab(2, 9, 1, 29), _int),
     Family("remainder", "x: int) -> int", "Return the remainder of x divided by {a}.", "    return x % {a}\n",
            _k(2, 19), _int),
     Family("is_greater", "x: int) -> bool", "Return True if x is greater than {a}.", "    return x > {a}\n",
@@ -78,15 +72,6 @@ FAMILIES: list[Family] = [
            "    return sum(1 for n in numbers if n % {a} == 0)\n", _k(2, 9), _numbers),
     Family("sum_plus", "numbers: list) -> int", "Return the sum of the numbers plus {a}.",
            "    return sum(numbers) + {a}\n", _k(2, 49), _numbers),
-    Family("scale_greater", "numbers: list) -> list",
-           "Return the numbers greater than {a}, each multiplied by {b}.",
-           "    return [n * {b} for n in numbers if n > {a}]\n", _ab(0, 29, 2, 9), _numbers),
-    Family("product_times", "numbers: list) -> int", "Return the product of the numbers times {a}.",
-           "    result = {a}\n    for n in numbers:\n        result = result * n\n    return result\n",
-           _k(2, 19), _numbers),
-    Family("count_above", "numbers: list) -> int", "Count the numbers that are at least {a}.",
-           "    count = 0\n    for n in numbers:\n        if n >= {a}:\n            count += 1\n    return count\n",
-           _k(0, 39), _numbers),
     Family("repeat_text", "s: str) -> str", "Return s repeated {a} times.", "    return s * {a}\n",
            _k(2, 5), _text),
     Family("first_chars", "s: str) -> str", "Return the first {a} characters of s.", "    return s[:{a}]\n",
@@ -114,12 +99,10 @@ def _make_problem(family: Family, params: dict, rng: random.Random, task_id: str
     namespace: dict = {}
     exec(header + body, namespace)  # our own template, to compute the expected outputs
     function = namespace[family.name]
-    examples = [family.inputs(rng) for _ in range(7)]
-    shown, checked = examples[:2], examples
-    doc_lines = [f"    {family.doc.format(**params)}"]
-    for args in shown:
-        doc_lines += [f"    >>> {family.name}({', '.join(map(repr, args))})", f"    {function(*args)!r}"]
-    prompt = header + '    """' + "\n".join(doc_lines).lstrip() + '\n    """\n'
+    checked = [family.inputs(rng) for _ in range(7)]
+    # No doctest examples: their digits would sit between the constant and the body and a 0.9M
+    # model then guesses a nearby number instead of copying the constant (probe 17.5% with one).
+    prompt = header + f'    """{family.doc.format(**params)}\n    """\n'
     asserts = "".join(f"    assert candidate({', '.join(map(repr, args))}) == {function(*args)!r}\n" for args in checked)
     return {
         "task_id": task_id,

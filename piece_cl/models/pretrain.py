@@ -55,15 +55,19 @@ def load_miniature(model_cfg: DictConfig, cache_dir: str | Path) -> tuple[LlamaF
     return model, tokenizer
 
 
-def _encode(tokenizer, problem: dict) -> list[int]:
-    """Prompt and solution tokenised separately, as generation will see them, then EOS."""
+def _encode(tokenizer, problem: dict) -> tuple[list[int], list[int]]:
+    """Ids and labels: prompt and solution tokenised separately, as generation sees them, then EOS.
+
+    Only the solution (and EOS) is scored: a 0.9M model spends its capacity on reading the
+    docstring into the body instead of on predicting the docstring itself.
+    """
     prompt = tokenizer(problem["prompt"])["input_ids"]
-    solution = tokenizer(problem["canonical_solution"])["input_ids"]
-    return prompt + solution + [tokenizer.eos_token_id]
+    answer = tokenizer(problem["canonical_solution"])["input_ids"] + [tokenizer.eos_token_id]
+    return prompt + answer, [-100] * len(prompt) + answer
 
 
 def pretrain(model_cfg: DictConfig) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """Train a fresh miniature as a language model on mini-HumanEval training problems (prompt + solution)."""
+    """Train a fresh miniature on mini-HumanEval training problems (prompt → solution, loss on the solution)."""
     settings = model_cfg.pretrain
     torch.manual_seed(settings.seed)
     problems = mini_humaneval.training_problems(settings.problems, seed=settings.seed)
@@ -98,23 +102,23 @@ def pretrain(model_cfg: DictConfig) -> tuple[LlamaForCausalLM, PreTrainedTokeniz
     return model, tokenizer
 
 
-def _length_bucketed_batches(sequences: list[list[int]], batch_size: int, generator: torch.Generator,
+def _length_bucketed_batches(sequences: list[tuple[list[int], list[int]]], batch_size: int, generator: torch.Generator,
                              bucket: int = 16):
     """Endless random batches of similar lengths (less padding: CPU time is the budget here)."""
     while True:
         drawn = torch.randint(len(sequences), (batch_size * bucket,), generator=generator).tolist()
-        drawn.sort(key=lambda i: len(sequences[i]))
+        drawn.sort(key=lambda i: len(sequences[i][0]))
         chunks = [drawn[i:i + batch_size] for i in range(0, len(drawn), batch_size)]
         for c in torch.randperm(len(chunks), generator=generator).tolist():
             yield [sequences[i] for i in chunks[c]]
 
 
-def _pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and LM labels (-100 on padding; causal attention needs no mask then)."""
-    width = max(map(len, batch))
+def _pad(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and labels (-100 on padding; causal attention needs no mask then)."""
+    width = max(len(ids) for ids, _ in batch)
     input_ids = torch.full((len(batch), width), pad_id)
     labels = torch.full((len(batch), width), -100)
-    for row, ids in enumerate(batch):
+    for row, (ids, scored) in enumerate(batch):
         input_ids[row, :len(ids)] = torch.tensor(ids)
-        labels[row, :len(ids)] = torch.tensor(ids)
+        labels[row, :len(ids)] = torch.tensor(scored)
     return input_ids, labels
