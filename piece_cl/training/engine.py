@@ -114,7 +114,7 @@ class TorchEngine:
             out = self.model(**batch)
             loss = method.loss(ctx, batch, out)
             if not torch.isfinite(loss):
-                raise PieceError(f"non-finite loss ({float(loss)}) in task '{ctx.task.name}' at step {self.global_step}; "
+                raise PieceError(f"non-finite loss ({float(loss.detach())}) in task '{ctx.task.name}' at step {self.global_step}; "
                                  "stage stopped, earlier stages are kept (lower the learning rate?)")
             (loss * (len(micro) / len(chunk))).backward()
             total += float(loss.detach()) * len(micro) / len(chunk)
