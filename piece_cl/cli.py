@@ -151,7 +151,8 @@ def _main(cfg: DictConfig) -> None:
     try:
         validate(cfg)
         from piece_cl.progress import console
-        from piece_cl.run import load_results, run
+        from piece_cl.results import load_results
+        from piece_cl.run import run
 
         if check_run_dir(cfg, run_dir):
             console.print(f"{run_dir} is already finished; nothing to resume")

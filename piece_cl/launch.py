@@ -54,7 +54,7 @@ def launch(cfg: DictConfig, run_dir: Path) -> RunResults:
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     returncode = subprocess.run(torchrun_command(cfg.trainer, run_dir), env=env).returncode
-    from piece_cl.run import load_results
+    from piece_cl.results import load_results
 
     results = load_results(run_dir)
     if returncode != 0 or results is None or not results.finished:

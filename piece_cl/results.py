@@ -1,6 +1,7 @@
 """The run's results: the R matrix, its summaries and the probe curve, as results.json and report.md."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,3 +88,9 @@ class RunResults:
                 f"## R matrix (row: after learning the task; column: score on the task, 0–100)\n\n"
                 + "\n".join(rows) + f"\n\nProbe: `{self.probe_name}`.\n\n## Summary (NOTES §2: BWT divides by t)\n\n"
                 + summary + "\n")
+
+
+def load_results(run_dir: Path) -> RunResults | None:
+    """The committed results of a run directory, or None when no stage has been committed."""
+    path = run_dir / "results.json"
+    return RunResults.from_dict(json.loads(path.read_text())) if path.exists() else None

@@ -17,13 +17,13 @@ from hydra.utils import instantiate
 from piece_cl.checkpoint import load_stage_state, prune_checkpoints, save_stage_state
 from piece_cl.data.registry import build_benchmark
 from piece_cl.errors import PieceError
-from piece_cl.faults import maybe_kill
 from piece_cl.evaluation.evaluate import evaluate_task
+from piece_cl.faults import maybe_kill
 from piece_cl.io import atomic_write_json, write_jsonl
 from piece_cl.methods.base import StageContext, build_method
 from piece_cl.models.loading import check_available, load_model
 from piece_cl.progress import console
-from piece_cl.results import RunResults
+from piece_cl.results import RunResults, load_results
 from piece_cl.training.engine import build_engine
 from piece_cl.training.loss_curves import LossCurves
 
@@ -32,15 +32,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def load_results(run_dir: Path) -> RunResults | None:
-    path = run_dir / "results.json"
-    if not path.exists():
-        return None
-    import json
-
-    return RunResults.from_dict(json.loads(path.read_text()))
 
 
 def evaluate_stage(model, tokenizer, seen_tasks, probe, eval_cfg, t: int):
