@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.resources
+import os
 import platform
 import shutil
 import sys
@@ -19,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from piece_cl.errors import PieceError
+from piece_cl.io import disk_full_errno
 
 CONFIG_DIR = Path(str(importlib.resources.files("piece_cl.configs")))
 GROUPS = ("model", "benchmark", "method", "optimizer", "trainer", "eval", "protocol", "paths", "experiment")
@@ -58,6 +60,9 @@ def validate(cfg: DictConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise PieceError(message)
+    from piece_cl.methods.base import build_method
+
+    build_method(cfg.method).check_trainer(cfg.trainer)
 
 
 def library_versions() -> dict[str, str]:
@@ -139,6 +144,20 @@ def write_config(cfg: DictConfig, run_dir: Path) -> None:
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
 
+def disk_full_message(err: BaseException, code: int, run_dir: Path) -> str:
+    """One line for a write that ran out of space: what was being written, and how to go on."""
+    from piece_cl.results import load_results
+
+    target = getattr(err, "filename", None) or f"into {run_dir}"
+    committed = load_results(run_dir)
+    if committed is not None and committed.stages_done:
+        advice = (f"free space and rerun the same command with hydra.run.dir={run_dir} to resume from the last "
+                  f"committed stage ({committed.stages_done}/{len(committed.tasks)})")
+    else:
+        advice = "free space and rerun the same command (no stage was committed yet, so it starts over)"
+    return f"no space left on device while writing {target} ({os.strerror(code)}); {advice}"
+
+
 def fail(message: str) -> None:
     print(f"piece-run: error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -169,12 +188,15 @@ def _main(cfg: DictConfig) -> None:
             results = run(cfg, run_dir)
         console.print(results.matrix_text())
         print(f"results: {run_dir / 'results.json'}")
-    except PieceError as err:
+    except Exception as err:
+        disk_full = None if isinstance(err, PieceError) else disk_full_errno(err)
+        if not isinstance(err, PieceError) and disk_full is None:
+            raise
         if not existed and not (run_dir / "results.json").exists():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing finished: leave nothing that looks like a run
         if cfg.verbose:
             raise
-        fail(str(err))
+        fail(str(err) if disk_full is None else disk_full_message(err, disk_full, run_dir))
 
 
 def main() -> None:

@@ -83,9 +83,18 @@ class Method:
     """Default behaviour = sequential fine-tuning of every non-embedding parameter."""
 
     name: ClassVar[str] = "base"
+    # Why the method cannot run under ZeRO-3 (None: it can). ZeRO-3 holds only a shard of each parameter
+    # outside the forward pass, so a method reading whole weights or running its own backward passes fails.
+    zero3_blocker: ClassVar[str | None] = None
 
     def __init__(self, cfg):
         self.cfg = cfg
+
+    def check_trainer(self, trainer_cfg) -> None:
+        """Refuse engine settings the method cannot honour, in the parent, before anything loads."""
+        if trainer_cfg.engine == "deepspeed" and int(trainer_cfg.zero_stage) == 3 and self.zero3_blocker:
+            raise PieceError(f"method={self.name} cannot run under trainer.zero_stage=3: {self.zero3_blocker}; "
+                             "use trainer.zero_stage=2 (the paper's setting)")
 
     # -- once ---------------------------------------------------------------------------------
     def setup(self, model: nn.Module) -> nn.Module:

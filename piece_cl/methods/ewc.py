@@ -41,6 +41,7 @@ def sample_records(records: list[dict], n: int | None, seed: int) -> list[dict]:
 @register_method
 class EWC(Method):
     name = "ewc"
+    zero3_blocker = "its penalty reads whole parameters in the loss"
 
     def __init__(self, cfg):
         super().__init__(cfg)

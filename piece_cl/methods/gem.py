@@ -48,6 +48,7 @@ def project(g: Tensor, memories: Tensor, margin: float = 0.0) -> Tensor:
 @register_method
 class GEM(Method):
     name = "gem"
+    zero3_blocker = "its reference gradients need whole parameters and backward passes of their own"
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -44,6 +44,7 @@ def orthogonality(old: Tensor, new: Tensor, penalty: str) -> Tensor:
 @register_method
 class OLoRA(Method):
     name = "olora"
+    zero3_blocker = "its orthogonality penalty reads whole LoRA A matrices in the loss"
 
     def setup(self, model: nn.Module) -> nn.Module:
         self.model = get_peft_model(model, lora_config(self.cfg, model), adapter_name=adapter_name(0))

@@ -41,6 +41,15 @@ class Piece(Method):
         self.fully_trained: list[str] = []  # unselected=train only: eligible tensors without selections
         self.optimizer: SparseMaskedAdam | None = None
 
+    def check_trainer(self, trainer_cfg) -> None:
+        """The O(k) optimiser is never handed to ZeRO, so an offload would silently do nothing."""
+        super().check_trainer(trainer_cfg)
+        if trainer_cfg.engine == "deepspeed":
+            for key in ("offload_optimizer", "offload_param"):
+                if trainer_cfg.get(key):
+                    raise PieceError(f"method={self.name} keeps its own O(k) optimiser state outside ZeRO, so "
+                                     f"trainer.{key}=true would be ignored; drop it (the state is 2k numbers)")
+
     # -- before the task: importance and mask ---------------------------------------------------
     def before_task(self, ctx: StageContext) -> None:
         model = ctx.model
