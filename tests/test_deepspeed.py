@@ -165,29 +165,64 @@ def test_piece_s_two_ranks_equal_and_outside_mask_bit_identical(tmp_path, refere
     assert changed > 0
 
 
+PIECE_RUN = ["experiment=smoke", "model.pretrain.steps=5", "model.pretrain.problems=40",
+             "benchmark.tasks=[tiny_choice,tiny_number]", "benchmark.train_size=16", "benchmark.eval_size=4",
+             "benchmark.test_size=4", "benchmark.probe.n_problems=2", "eval.probe_before=false",
+             "model.batch_size=8", "trainer.micro_batch_size=2"]
+
+
+def piece_run(root: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {**ENV, "PIECE_OUTPUT_ROOT": str(root / "out"), "PIECE_CACHE_DIR": str(root / "cache")}
+    env.pop("PIECE_KILL_AT", None)
+    if kill_at:
+        env["PIECE_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, "-m", "piece_cl.cli", *PIECE_RUN, *extra], cwd=root, env=env,
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def torch_run(tmp_path_factory) -> Path:
+    """The torch engine's run of PIECE_RUN: the results every DeepSpeed layout must reproduce."""
+    root = tmp_path_factory.mktemp("piece_run")
+    done = piece_run(root, "hydra.run.dir=torch")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "torch"
+
+
 @pytest.mark.distributed
-def test_piece_run_two_ranks_one_run_dir_same_results_as_torch(tmp_path):
+def test_piece_run_two_ranks_one_run_dir_same_results_as_torch(torch_run):
     """`piece-run trainer=deepspeed trainer.nproc_per_node=2`: one run directory, the layout recorded,
     and the same R matrix and final weights as the torch engine at the same global batch."""
-    env = {**ENV, "PIECE_OUTPUT_ROOT": str(tmp_path / "out"), "PIECE_CACHE_DIR": str(tmp_path / "cache")}
-    common = ["experiment=smoke", "model.pretrain.steps=5", "model.pretrain.problems=40",
-              "benchmark.tasks=[tiny_choice,tiny_number]", "benchmark.train_size=16", "benchmark.eval_size=4",
-              "benchmark.test_size=4", "benchmark.probe.n_problems=2", "eval.probe_before=false",
-              "model.batch_size=8", "trainer.micro_batch_size=2"]
-    runs = {}
-    for name, extra in (("torch", []), ("deepspeed", ["trainer=deepspeed", "trainer.nproc_per_node=2"])):
-        done = subprocess.run([sys.executable, "-m", "piece_cl.cli", *common, *extra, f"run_name={name}"],
-                              cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[name] = [p for p in (tmp_path / "out").iterdir() if p.name.startswith(name)]
-    assert len(runs["deepspeed"]) == 1 and len(list((tmp_path / "out").iterdir())) == 2  # not one per rank
-    torch_dir, ds_dir = runs["torch"][0], runs["deepspeed"][0]
+    root = torch_run.parent
+    done = piece_run(root, "trainer=deepspeed", "trainer.nproc_per_node=2", "run_name=deepspeed")
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = list((root / "out").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("deepspeed")  # one run directory, not one per rank
+    ds_dir = runs[0]
     config = OmegaConf.load(ds_dir / "config.yaml")
     assert config.world_size == 2 and config.distributed.accumulation == 2 and config.distributed.zero_stage == 2
     assert config.versions.deepspeed != "not installed"
-    results = [OmegaConf.load(d / "results.json") for d in (torch_dir, ds_dir)]
+    results = [OmegaConf.load(d / "results.json") for d in (torch_run, ds_dir)]
     assert results[0].R == results[1].R and results[1].stages_done == 2
-    weights = [load_file(d / "checkpoint" / "stage_1" / "model.safetensors") for d in (torch_dir, ds_dir)]
+    weights = [load_file(d / "checkpoint" / "stage_1" / "model.safetensors") for d in (torch_run, ds_dir)]
     # Adam divides by sqrt(v): entries with near-zero gradients turn the ~1e-7 summation-order difference
     # into up to a few e-5 after 4 steps at lr 1e-3 (measured 4.5e-5); a tenth of one step's largest move.
     assert max_difference(weights[0], weights[1]) < 1e-4
+
+
+@pytest.mark.distributed
+def test_two_rank_run_killed_mid_stage_resumes_on_one_rank(torch_run):
+    """SIGKILL in the second stage of a 2-rank ZeRO-2 run; the same command with one rank finishes it from
+    the committed first stage, and the R matrix is the uninterrupted run's."""
+    root = torch_run.parent
+    run = ["trainer=deepspeed", "hydra.run.dir=resumed"]
+    killed = piece_run(root, *run, "trainer.nproc_per_node=2", kill_at="step@1")
+    assert killed.returncode == 2 and "the ranks stopped" in killed.stderr.splitlines()[-1]
+    assert OmegaConf.load(root / "resumed" / "results.json").stages_done == 1
+    resumed = piece_run(root, *run, "trainer.nproc_per_node=1", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after stage 1/2" in resumed.stdout + resumed.stderr
+    config = OmegaConf.load(root / "resumed" / "config.yaml")
+    assert config.world_size == 1 and config.distributed.accumulation == 4
+    results = [OmegaConf.load(d / "results.json") for d in (torch_run, root / "resumed")]
+    assert results[0].R == results[1].R and results[1].stages_done == 2
