@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
+from piece_cl.io import writing
+
 CHECKPOINTS = "checkpoint"
 
 
@@ -36,11 +38,18 @@ def save_stage_state(run_dir: Path, t: int, model, method, engine) -> None:
     final = stage_checkpoint(run_dir, t)
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(method.state_dict(), tmp / "method.pt")
-    (tmp / "engine.json").write_text(json.dumps({"global_step": engine.global_step}))
-    _fsync_tree(tmp)
+    try:
+        with writing(final):
+            tmp.mkdir(parents=True)
+            with writing(final / "model.safetensors"):
+                save_model(model, str(tmp / "model.safetensors"))
+            with writing(final / "method.pt"), open(tmp / "method.pt", "wb") as handle:
+                torch.save(method.state_dict(), handle)  # through a Python file: a full disk surfaces as OSError
+            (tmp / "engine.json").write_text(json.dumps({"global_step": engine.global_step}))
+            _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint only holds on to the space that ran out
+        raise
     shutil.rmtree(final, ignore_errors=True)  # a stale copy from an attempt that never committed
     os.replace(tmp, final)
 

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from piece_cl.data import mini_humaneval, tiny_tasks
+from piece_cl.io import writing
 from piece_cl.models.tiny import build_tiny_model, build_tokenizer
 
 
@@ -42,8 +43,9 @@ def load_miniature(model_cfg: DictConfig, cache_dir: str | Path) -> tuple[LlamaF
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
         try:
             model, tokenizer = pretrain(model_cfg)
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
+            with writing(target):  # a full disk names the cache, not the temporary staging directory
+                model.save_pretrained(staging)
+                tokenizer.save_pretrained(staging)
             os.rename(staging, target)  # atomic; fails if another run cached the same key first
         except OSError:
             if not (target / "config.json").is_file():
