@@ -320,9 +320,11 @@ def select_top_k(scores: Mapping[str, Tensor], ratio: float, total: int | None =
         raise PieceError(f"top-k ratio must be in (0, 1], got {ratio}")
     k = math.floor(Fraction(str(ratio)) * total)
     if k == 0:
-        raise PieceError(f"top-k selects nothing: floor({ratio} x {total}) = 0")
+        raise PieceError(f"top-k selects nothing: method.ratio {ratio} x {total} parameters rounds down to 0; "
+                         "raise method.ratio")
     if k > entries:
-        raise PieceError(f"top-k asks for {k} entries but the scores hold only {entries}")
+        raise PieceError(f"top-k asks for {k} entries (method.ratio {ratio} x {total} parameters) but only {entries} "
+                         "are eligible; lower method.ratio")
     for name in names:
         if scores[name].dtype != torch.float32:
             raise PieceError(f"top-k scores must be float32; {name} is {scores[name].dtype}")

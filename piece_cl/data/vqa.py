@@ -42,23 +42,25 @@ class ImageResolver:
             folders.append(self.root / split.group())
         return [folder / name for folder in folders]
 
-    def resolve(self, original: str) -> Path | None:
+    def resolve(self, original: str, record: str) -> Path | None:
+        """The image file of `original`; `record` ("<file>: record <i>") names the record that wants it."""
         name = Path(original).name
         for candidate in self.candidates(name):
             if candidate.is_file():
                 return candidate
         if not self.skip_missing:
-            raise PieceError(f"image {name} not found under {self.config_key} = {self.root} "
+            raise PieceError(f"{record}: image {name} not found under {self.config_key} = {self.root} "
                              f"(set benchmark.missing_images=skip to skip and count missing images)")
         self.missing.append(name)
         return None
 
 
-def _with_images(records: list[dict], resolver: ImageResolver) -> list[dict]:
-    """Records with their image path under "image"; those without an image are dropped (skip mode)."""
+def _with_images(numbered: list[tuple[int, dict]], resolver: ImageResolver, source: Path) -> list[dict]:
+    """Records (with their index in `source`) given their image path under "image"; those without an
+    image are dropped (skip mode). Checked at loading, so a missing image stops a run before it trains."""
     kept = []
-    for record in records:
-        image = resolver.resolve(record["pic_path"])
+    for index, record in numbered:
+        image = resolver.resolve(record["pic_path"], f"{source}: record {index}")
         if image is not None:
             kept.append({**record, "image": str(image)})
     return kept
@@ -97,12 +99,14 @@ def load_vqa_task(root: Path, name: str, resolver: ImageResolver, benchmark_cfg:
         raise PieceError(f"VQA task directory {task_dir} not found under paths.vqa_root")
     required = ("prompt", "answer", "pic_path")
     misses_before = len(resolver.missing)
-    train = load_records(find_split_file(task_dir, "train"), required=required, limit=cfg_get(benchmark_cfg, "train_size"))
-    eval_records = held_out_sample(load_records(find_split_file(task_dir, "eval"), required=required),
+    train_file, eval_file, test_file = (find_split_file(task_dir, split) for split in ("train", "eval", "karpathy_test"))
+    train = load_records(train_file, required=required, limit=cfg_get(benchmark_cfg, "train_size"))
+    eval_records = held_out_sample(list(enumerate(load_records(eval_file, required=required))),  # (index, record)
                                    cfg_get(benchmark_cfg, "eval_size"), seed, name)
-    test = karpathy_test_records(find_split_file(task_dir, "karpathy_test"))[:cfg_get(benchmark_cfg, "test_size")]
-    splits = {split: _with_images(records, resolver) for split, records in
-              (("train", train), ("eval", eval_records), ("test", test))}
+    test = karpathy_test_records(test_file)[:cfg_get(benchmark_cfg, "test_size")]
+    splits = {"train": _with_images(list(enumerate(train)), resolver, train_file),
+              "eval": _with_images(eval_records, resolver, eval_file),
+              "test": _with_images(list(enumerate(test)), resolver, test_file)}
     return Task(
         name=name,
         metric="vqa",
@@ -120,7 +124,7 @@ def load_flickr30k(path: Path, resolver: ImageResolver, n_images: int | None = N
     for index, item in enumerate(load_json_any(path)[:n_images]):
         if not isinstance(item, dict) or not isinstance(item.get("image_name"), str) or not item.get("captions"):
             raise PieceError(f"{path}: record {index} lacks image_name / captions")
-        image = resolver.resolve(item["image_name"])
+        image = resolver.resolve(item["image_name"], f"{path}: record {index}")
         if image is not None:
             records.append({"prompt": CAPTION_PROMPT, "answer": item["captions"][0],
                             "references": list(item["captions"]), "image": str(image)})
