@@ -93,7 +93,7 @@ def run_method(name: str, cfg, tokenizer, factory, scratch: Path) -> dict:
         watch_gem(method, evidence)
     tasks = [tiny_tasks.build_task(task, 24, 4, 4, seed=0) for task in TASKS]
     before = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
-    stats, masks, stages, fit_seconds = [], [], [], 0.0
+    stats, masks, stages, fit_seconds, step_seconds = [], [], [], 0.0, []
     for t, task in enumerate(tasks):
         stage_dir = scratch / f"{name}_rank{engine.rank}_stage{t}"
         stage_dir.mkdir()
@@ -103,16 +103,34 @@ def run_method(name: str, cfg, tokenizer, factory, scratch: Path) -> dict:
         method.before_task(ctx)
         masks.append({k: v.clone() for k, v in getattr(method, "masks", {}).items()})  # PIECE's selections
         records = method.train_records(ctx)
-        started = time.perf_counter()
-        stats.append({**engine.fit(ctx, method, records, int(cfg.trainer.epochs), factory), "records": len(records)})
+        started = clock = time.perf_counter()
+
+        def on_step(step: int, first: int = engine.global_step + 1) -> None:
+            nonlocal clock
+            if step > first:  # the first step of a fit also pays for wrapping the model (deepspeed.initialize)
+                step_seconds.append(time.perf_counter() - clock)
+            clock = time.perf_counter()
+
+        stats.append({**engine.fit(ctx, method, records, int(cfg.trainer.epochs), factory, on_step=on_step),
+                      "records": len(records)})
         fit_seconds += time.perf_counter() - started
         stages.append(stage_evidence(name, method, ctx))
         method.after_task(ctx)
     evidence.update(gem_projections=getattr(method, "projections", None), global_step=engine.global_step)
     return {"before": before, "after": {k: v.detach().clone() for k, v in engine.model.state_dict().items()},
             "stats": stats, "masks": masks, "stages": stages, "evidence": evidence, "world_size": engine.world_size,
-            "fit_seconds": fit_seconds, "steps": sum(s["steps"] for s in stats),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "fit_seconds": fit_seconds, "step_seconds": step_seconds, "steps": sum(s["steps"] for s in stats),
+            "peak_rss_mb": peak_rss_mb_per_rank()}
+
+
+def peak_rss_mb_per_rank() -> list[float]:
+    """This process's peak resident memory so far, from every rank (rank order)."""
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if not torch.distributed.is_initialized():
+        return [mine]
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    return everyone
 
 
 def main(out: str, methods: list[str], overrides: list[str]) -> None:
