@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,24 +36,36 @@ def stage_checkpoint(run_dir: Path, t: int) -> Path:
     return run_dir / CHECKPOINTS / f"stage_{t}"
 
 
-def save_stage_state(run_dir: Path, t: int, model, method, engine) -> None:
-    final = stage_checkpoint(run_dir, t)
+def epoch_checkpoint(run_dir: Path, t: int) -> Path:
+    """Where stage t's training keeps its latest epoch (training/epoch_state.py); pruned at the commit."""
+    return run_dir / CHECKPOINTS / f"epochs_of_stage_{t}"
+
+
+@contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """A temporary directory that replaces `final`, fsynced, only when the block completes."""
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with writing(final):
             tmp.mkdir(parents=True)
-            with writing(final / "model.safetensors"):
-                save_model(model, str(tmp / "model.safetensors"))
-            with writing(final / "method.pt"), open(tmp / "method.pt", "wb") as handle:
-                torch.save(method.state_dict(), handle)  # through a Python file: a full disk surfaces as OSError
-            (tmp / "engine.json").write_text(json.dumps({"global_step": engine.global_step}))
+            yield tmp
             _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint only holds on to the space that ran out
         raise
     shutil.rmtree(final, ignore_errors=True)  # a stale copy from an attempt that never committed
     os.replace(tmp, final)
+
+
+def save_stage_state(run_dir: Path, t: int, model, method, engine) -> None:
+    final = stage_checkpoint(run_dir, t)
+    with atomic_directory(final) as tmp:
+        with writing(final / "model.safetensors"):
+            save_model(model, str(tmp / "model.safetensors"))
+        with writing(final / "method.pt"), open(tmp / "method.pt", "wb") as handle:
+            torch.save(method.state_dict(), handle)  # through a Python file: a full disk surfaces as OSError
+        (tmp / "engine.json").write_text(json.dumps({"global_step": engine.global_step}))
 
 
 def load_stage_state(run_dir: Path, t: int, model, method, engine) -> None:
@@ -62,7 +76,7 @@ def load_stage_state(run_dir: Path, t: int, model, method, engine) -> None:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Drop every stage checkpoint but `keep` (the last committed stage)."""
+    """Drop every stage checkpoint but `keep` (the last committed stage), and every epoch checkpoint."""
     root = run_dir / CHECKPOINTS
     for path in root.glob("*stage_*"):
         if path.name != f"stage_{keep}":

@@ -1,8 +1,8 @@
 """Deterministic crash points for the kill-and-resume tests.
 
 `PIECE_KILL_AT=<point>@<stage>` SIGKILLs the process when the loop reaches that point of that stage
-(points: `step` — after the first optimiser step, `eval` — after the first task's evaluation,
-`commit` — after the stage checkpoint, before results.json). Unset in normal runs: a no-op.
+(points: `step` — after the first optimiser step, `epoch` — after the first epoch's checkpoint, `eval` —
+after the first task's evaluation, `commit` — after the stage checkpoint, before results.json). Unset in normal runs: a no-op.
 """
 import os
 import signal

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 
-from piece_cl.checkpoint import load_stage_state, prune_checkpoints, save_stage_state
+from piece_cl.checkpoint import epoch_checkpoint, load_stage_state, prune_checkpoints, save_stage_state
 from piece_cl.data.registry import build_benchmark
 from piece_cl.errors import PieceError
 from piece_cl.evaluation.evaluate import evaluate_task
@@ -97,7 +97,8 @@ def run(cfg, run_dir: Path) -> RunResults:
             maybe_kill("step", _t)
 
         stats = engine.fit(ctx, method, method.train_records(ctx), int(cfg.trainer.epochs), optimizer_factory,
-                           on_step=on_step, description=f"task {t + 1}/{len(benchmark.tasks)}")
+                           on_step=on_step, description=f"task {t + 1}/{len(benchmark.tasks)}",
+                           epoch_dir=epoch_checkpoint(run_dir, t) if cfg.trainer.epoch_checkpoints else None)
         method.after_task(ctx)
 
         model_for_eval = method.eval_model(engine.model)

@@ -141,7 +141,10 @@ class DeepSpeedEngine(TorchEngine):
         safe_set_full_grad(param, value.to(current.dtype).reshape(current.shape))
 
     # -- training -------------------------------------------------------------------------------
-    def fit(self, ctx, method, records, epochs, optimizer_factory, on_step=None, description="train") -> dict:
+    def fit(self, ctx, method, records, epochs, optimizer_factory, on_step=None, description="train",
+            epoch_dir=None) -> dict:
+        if epoch_dir is not None:  # ZeRO partitions the optimiser state; a stage restarts from its beginning
+            raise PieceError("trainer.epoch_checkpoints=true is supported by trainer=torch only")
         try:
             return super().fit(ctx, method, records, epochs, optimizer_factory, on_step, description)
         finally:

@@ -6,6 +6,7 @@ contract in methods/base.py and read or write gradients only through `get_grad` 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -14,7 +15,9 @@ from torch import nn
 from piece_cl.data.collate import collate, encode_all
 from piece_cl.data.multimodal import MultimodalCollator, is_multimodal
 from piece_cl.errors import PieceError
+from piece_cl.faults import maybe_kill
 from piece_cl.progress import progress
+from piece_cl.training.epoch_state import EpochState, load_epoch_state, save_epoch_state
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,8 +83,13 @@ class TorchEngine:
 
     # -- training -------------------------------------------------------------------------------
     def fit(self, ctx, method, records: list[dict], epochs: int, optimizer_factory,
-            on_step: Callable[[int], None] | None = None, description: str = "train") -> dict:
-        """Train `records` for `epochs` epochs; returns loss statistics of the stage."""
+            on_step: Callable[[int], None] | None = None, description: str = "train",
+            epoch_dir: Path | None = None) -> dict:
+        """Train `records` for `epochs` epochs; returns loss statistics of the stage.
+
+        With `epoch_dir` the state after every epoch is kept there (training/epoch_state.py), and a fit
+        that finds one continues after its last finished epoch.
+        """
         if not records:
             raise PieceError(f"task '{ctx.task.name}': nothing to train on")
         features = self.encode(records)
@@ -89,12 +97,20 @@ class TorchEngine:
         optimizer = method.build_optimizer(ctx, params, optimizer_factory)
         steps_per_epoch = math.ceil(len(features) / self.batch_size)
         generator = torch.Generator().manual_seed(ctx.seed * 1000 + ctx.t)
+        done = load_epoch_state(epoch_dir, params, optimizer) if epoch_dir is not None else None
+        losses: list[float] = list(done.losses) if done else []
+        if done:
+            self.global_step = done.global_step
+            ctx.log(f"task '{ctx.task.name}': continuing after epoch {done.epochs_done}/{epochs}")
         self.model.train()
-        losses: list[float] = []
         with progress() as bar:
-            job = bar.add_task(f"{description} {ctx.task.name}", total=epochs * steps_per_epoch, info="")
+            job = bar.add_task(f"{description} {ctx.task.name}", total=epochs * steps_per_epoch,
+                               completed=len(losses), info="")
             for epoch in range(epochs):
+                # drawn for every epoch, done or not, so the order of the next one is the uninterrupted run's
                 order = torch.randperm(len(features), generator=generator).tolist() if self.cfg.shuffle else list(range(len(features)))
+                if done and epoch < done.epochs_done:
+                    continue
                 for step in range(steps_per_epoch):
                     chunk = [features[i] for i in order[step * self.batch_size : (step + 1) * self.batch_size]]
                     loss = self._step(ctx, method, optimizer, params, chunk)
@@ -103,6 +119,10 @@ class TorchEngine:
                     bar.update(job, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {loss:.3f}")
                     if on_step is not None:
                         on_step(self.global_step)
+                if epoch_dir is not None and self.is_main:
+                    save_epoch_state(epoch_dir, EpochState(epoch + 1, losses, self.global_step), params, optimizer,
+                                     finished=epoch + 1 == epochs)
+                    maybe_kill("epoch", ctx.t)
         return {"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
                 "mean_last_epoch_loss": sum(losses[-steps_per_epoch:]) / steps_per_epoch}
 

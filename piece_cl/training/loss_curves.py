@@ -15,11 +15,14 @@ class LossCurves:
         self.stage, self.path, self.rows = 0, None, []
 
     def start_stage(self, stage: int, stage_dir: Path) -> None:
-        self.stage, self.path, self.rows = stage, stage_dir / "loss_curves.csv", []
+        """Rows an interrupted attempt of this stage wrote are kept until its steps are trained again."""
+        self.stage, self.path = stage, stage_dir / "loss_curves.csv"
+        self.rows = self.path.read_text().splitlines()[1:] if self.path.exists() else []
 
     def on_step(self, global_step: int) -> None:
         if self.every <= 0 or global_step % self.every:
             return
+        self.rows = [row for row in self.rows if int(row.split(",", 1)[0]) < global_step]
         for name, records in self.held_out.items():
             if records:
                 self.rows.append(f"{global_step},{self.stage},{name},{self.engine.mean_loss(records):.6f}")

@@ -229,6 +229,24 @@ class SparseMaskedAdam:
         state.update({f"anchor:{e.name}": e.anchor for e in self.entries if e.anchor is not None})
         return state
 
+    def state_dict(self) -> dict:
+        """The moments and step count (the gradient buffer is empty between steps; fp32 weights are the values)."""
+        state = {"steps": self.steps, "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone()}
+        if self.master is not None:
+            state["master"] = self.master.clone()
+        if self.dense is not None:
+            state["dense"] = self.dense.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        self.exp_avg.copy_(state["exp_avg"])
+        self.exp_avg_sq.copy_(state["exp_avg_sq"])
+        if self.master is not None:
+            self.master.copy_(state["master"])
+        if self.dense is not None:
+            self.dense.load_state_dict(state["dense"])
+
     def close(self) -> None:
         """Remove hooks and restore patched modules; weights keep the values trained so far."""
         for handle in self._handles:
