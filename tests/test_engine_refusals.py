@@ -3,6 +3,7 @@ import pytest
 
 from piece_cl.data.collate import IGNORE_INDEX, encode_record
 from piece_cl.errors import PieceError
+from piece_cl.evaluation.generation import generate
 from piece_cl.methods.seqft import SeqFT
 from tests import methods_kit as kit
 
@@ -30,3 +31,24 @@ def test_over_long_prompts_are_truncated_on_the_left():
     assert len(prompt_ids) == 6
     assert tok.decode(prompt_ids).strip().endswith("final ?")
     assert encoded["labels"][-1] == tok.eos_token_id
+
+
+def test_over_long_test_prompts_are_truncated_on_the_left_in_generation():
+    """Evaluation sees what training saw: the last max_prompt_len tokens of an over-long prompt."""
+    tok = kit.tokenizer()
+    model = kit.model()
+    side = tok.padding_side
+    prompt = "task " + " ".join(kit.WORDS * 4) + " final ?"
+    seen = []
+    original = model.generate
+
+    def spy(**kwargs):
+        seen.append(kwargs["input_ids"])
+        return original(**kwargs)
+
+    model.generate = spy
+    generate(model, tok, [prompt], max_new_tokens=2, max_prompt_len=6)
+    generate(model, tok, [prompt], max_new_tokens=2)
+    full = tok(prompt)["input_ids"]
+    assert seen[0][0].tolist() == full[-6:] and seen[1].shape[1] == len(full) > 6
+    assert tok.padding_side == side  # the tokenizer is left as it was

@@ -12,7 +12,7 @@ def evaluate_task(model, tokenizer, task, eval_cfg) -> tuple[float, dict[str, fl
     predictions = generate(
         model, tokenizer, prompts, max_new_tokens=task.max_new_tokens, batch_size=int(eval_cfg.batch_size),
         do_sample=bool(eval_cfg.do_sample), top_k=eval_cfg.top_k, top_p=eval_cfg.top_p,
-        temperature=eval_cfg.temperature, seed=eval_cfg.seed,
+        temperature=eval_cfg.temperature, seed=eval_cfg.seed, max_prompt_len=eval_cfg.get("max_prompt_len"),
         images=[r["image"] for r in task.test] if any("image" in r for r in task.test) else None,
     )
     metrics = all_metrics(task.metric, predictions, references)

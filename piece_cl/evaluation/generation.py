@@ -26,12 +26,15 @@ def generate(
     seed: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     images: list[str] | None = None,
+    max_prompt_len: int | None = None,
 ) -> list[str]:
     """The new text generated after each prompt (special tokens stripped), in the order of `prompts`.
 
     `progress(done, total)` is called after every batch. Sampling draws from its own RNG stream
     seeded by `seed`, so evaluation never disturbs the training RNG. For a multimodal model `tokenizer`
-    is its processor and `images` holds one image path per prompt.
+    is its processor and `images` holds one image path per prompt. Text prompts longer than
+    `max_prompt_len` tokens lose their beginning exactly as in training (the instruction's end stays next
+    to the answer); multimodal prompts are never cut (their image tokens must stay whole).
     """
     if images is not None and (len(images) != len(prompts) or not is_multimodal(tokenizer)):
         raise PieceError(f"generate: {len(images)} images for {len(prompts)} prompts need as many, and a multimodal model")
@@ -44,6 +47,7 @@ def generate(
     was_training, padding_side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
+    keep = -int(max_prompt_len) if max_prompt_len else None
     device = next(model.parameters()).device
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
@@ -53,7 +57,8 @@ def generate(
                 batch = order[start:start + batch_size]
                 batch_prompts = [prompts[i] for i in batch]
                 if images is None:
-                    encoded = tokenizer(batch_prompts, return_tensors="pt", padding=True).to(device)
+                    ids = [tokenizer(p)["input_ids"][keep:] for p in batch_prompts]  # cut exactly as collate.encode_record
+                    encoded = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)
                 else:
                     encoded = processor_inputs(processor, batch_prompts, [images[i] for i in batch]).to(device)
                 with torch.no_grad():
