@@ -306,16 +306,8 @@ def _score(moments: _Moments, kind: str, xi: float, groups: int, xi_on_sums: boo
     return moments.total.mul_(scale).abs_().div_(second.add_(xi).sqrt_()).float()
 
 
-def select_top_k(scores: Mapping[str, Tensor], ratio: float, total: int | None = None) -> dict[str, Tensor]:
-    """The k = floor(ratio × total) largest scores over all tensors: name -> sorted int64 flat indices.
-
-    Scores must be non-negative fp32 without NaN. Ties at the threshold go to the smallest
-    (tensor name, flat index) in sorted name order, so the result does not depend on dict order.
-    Tensors with no selected entry are omitted. k is computed from the decimal ratio exactly.
-    """
-    names = sorted(scores)
-    entries = sum(scores[n].numel() for n in names)
-    total = entries if total is None else total
+def top_k_size(ratio: float, total: int, entries: int) -> int:
+    """k = floor(ratio × total), computed from the decimal ratio exactly; 1 ≤ k ≤ entries or a PieceError."""
     if not 0 < ratio <= 1:
         raise PieceError(f"top-k ratio must be in (0, 1], got {ratio}")
     k = math.floor(Fraction(str(ratio)) * total)
@@ -325,6 +317,19 @@ def select_top_k(scores: Mapping[str, Tensor], ratio: float, total: int | None =
     if k > entries:
         raise PieceError(f"top-k asks for {k} entries (method.ratio {ratio} x {total} parameters) but only {entries} "
                          "are eligible; lower method.ratio")
+    return k
+
+
+def select_top_k(scores: Mapping[str, Tensor], ratio: float, total: int | None = None) -> dict[str, Tensor]:
+    """The k = floor(ratio × total) largest scores over all tensors: name -> sorted int64 flat indices.
+
+    Scores must be non-negative fp32 without NaN. Ties at the threshold go to the smallest
+    (tensor name, flat index) in sorted name order, so the result does not depend on dict order.
+    Tensors with no selected entry are omitted. k is computed from the decimal ratio exactly.
+    """
+    names = sorted(scores)
+    entries = sum(scores[n].numel() for n in names)
+    k = top_k_size(ratio, entries if total is None else total, entries)
     for name in names:
         if scores[name].dtype != torch.float32:
             raise PieceError(f"top-k scores must be float32; {name} is {scores[name].dtype}")

@@ -166,11 +166,13 @@ def test_full_disk_mid_run_is_one_line_and_the_same_command_resumes(tmp_path):
 
 
 # -- a top-k ratio that selects nothing, or more than there is ----------------------------------------------
-def test_ratio_selecting_no_parameter_is_refused_naming_the_key_and_count(tmp_path):
-    proc = piece_run(tmp_path, "method=piece_s", "method.ratio=1e-12", "method.importance.samples=2", *SMOKE)
-    assert_refused(proc, "selects nothing", "method.ratio 1e-12", "parameters")
+@pytest.mark.parametrize("ratio,fragment", [("1e-12", "selects nothing"), ("1", "are eligible")])
+def test_ratio_selecting_none_or_too_many_is_refused_naming_the_key_and_count(tmp_path, ratio, fragment):
+    proc = piece_run(tmp_path, "method=piece_s", f"method.ratio={ratio}", *SMOKE)
+    assert_refused(proc, fragment, f"method.ratio {ratio}", "parameters")
     total = int(re.search(r" x (\d+) parameters", proc.stderr).group(1))
-    assert 800_000 < total < 1_000_000  # the miniature's |θ|
+    assert 800_000 < total < 1_000_000  # the miniature's |θ| (embeddings counted, as the authors did)
+    assert "base model:" not in proc.stderr  # refused at setup, before the base-model probe
     assert_no_run_dir(tmp_path)
 
 

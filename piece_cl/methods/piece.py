@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from piece_cl.errors import PieceError
 from piece_cl.io import atomic_save_safetensors
-from piece_cl.importance import DEFAULT_XI, eligible_parameters, estimate, select_top_k
+from piece_cl.importance import DEFAULT_XI, eligible_parameters, estimate, select_top_k, top_k_size
 from piece_cl.methods.base import Method, StageContext
 from piece_cl.training.sparse import AdamSettings, SparseMaskedAdam
 
@@ -40,6 +40,13 @@ class Piece(Method):
         self.masks: dict[str, Tensor] = {}
         self.fully_trained: list[str] = []  # unselected=train only: eligible tensors without selections
         self.optimizer: SparseMaskedAdam | None = None
+
+    def setup(self, model: nn.Module) -> nn.Module:
+        """Refuse a ratio whose k is 0 or more than the eligible entries now, not after loading and probing."""
+        model = super().setup(model)
+        eligible = eligible_parameters(model, exclude=list(self.cfg.exclude))
+        top_k_size(float(self.cfg.ratio), sum(p.numel() for p in model.parameters()), sum(p.numel() for _, p in eligible))
+        return model
 
     def check_trainer(self, trainer_cfg) -> None:
         """The O(k) optimiser is never handed to ZeRO, so an offload would silently do nothing."""
