@@ -168,7 +168,7 @@ def test_full_disk_mid_run_is_one_line_and_the_same_command_resumes(tmp_path):
 # -- a top-k ratio that selects nothing, or more than there is ----------------------------------------------
 @pytest.mark.parametrize("ratio,fragment", [("1e-12", "selects nothing"), ("1", "are eligible")])
 def test_ratio_selecting_none_or_too_many_is_refused_naming_the_key_and_count(tmp_path, ratio, fragment):
-    proc = piece_run(tmp_path, "method=piece_s", f"method.ratio={ratio}", *SMOKE)
+    proc = piece_run(tmp_path, "method=piece_s", f"method.ratio={ratio}", *SMOKE, "eval.probe_before=true")
     assert_refused(proc, fragment, f"method.ratio {ratio}", "parameters")
     total = int(re.search(r" x (\d+) parameters", proc.stderr).group(1))
     assert 800_000 < total < 1_000_000  # the miniature's |θ| (embeddings counted, as the authors did)
