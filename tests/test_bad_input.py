@@ -137,11 +137,15 @@ def test_full_disk_before_any_commit_is_one_line_and_leaves_no_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_disk_mid_run_is_one_line_and_the_same_command_resumes(tmp_path):
-    """Stage 0 is committed, then stage 1's model.safetensors (3.6 MB) meets a 1 MB file-size limit."""
+@pytest.mark.parametrize("epoch_checkpoints,written", [
+    ("true", "epochs_of_stage_1/weights.safetensors"),  # the epoch state comes first
+    ("false", "stage_1/model.safetensors"),
+])
+def test_full_disk_mid_run_is_one_line_and_the_same_command_resumes(tmp_path, epoch_checkpoints, written):
+    """Stage 0 is committed, then stage 1's first checkpoint file (3.4-3.6 MB) meets a 1 MB file-size limit."""
     run_dir = tmp_path / "outputs" / "run"
     command = [sys.executable, "-m", "piece_cl.cli", *SMOKE, "benchmark.tasks=[tiny_choice,tiny_number]",
-               f"hydra.run.dir={run_dir}"]
+               f"hydra.run.dir={run_dir}", f"trainer.epoch_checkpoints={epoch_checkpoints}"]
 
     def run(env_extra=None, preexec_fn=None):
         env = {key: value for key, value in os.environ.items() if key != "PIECE_KILL_AT"}
@@ -154,7 +158,7 @@ def test_full_disk_mid_run_is_one_line_and_the_same_command_resumes(tmp_path):
 
     full = run(preexec_fn=under_file_size_limit(1 << 20))
     assert_refused(full, "no space left on device while writing",
-                   str(run_dir / "checkpoint" / "stage_1" / "model.safetensors"), "File too large",
+                   str(run_dir / "checkpoint" / written), "File too large",
                    f"rerun the same command with hydra.run.dir={run_dir} to resume from the last committed stage (1/2)")
     assert json.loads((run_dir / "results.json").read_text())["stages_done"] == 1  # stage 1 is not claimed
     assert sorted(p.name for p in (run_dir / "checkpoint").iterdir()) == ["stage_0"]  # no partial checkpoint
