@@ -55,7 +55,7 @@ class Piece(Method):
             for key in ("offload_optimizer", "offload_param"):
                 if trainer_cfg.get(key):
                     raise PieceError(f"method={self.name} keeps its own O(k) optimiser state outside ZeRO, so "
-                                     f"trainer.{key}=true would be ignored; drop it (the state is 2k numbers)")
+                                     f"trainer.{key}=true would be ignored; drop it (that state is a few numbers per selected entry)")
 
     # -- before the task: importance and mask ---------------------------------------------------
     def before_task(self, ctx: StageContext) -> None:

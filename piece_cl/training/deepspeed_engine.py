@@ -121,8 +121,7 @@ class DeepSpeedEngine(TorchEngine):
         self.accumulation = accumulation_steps(trainer_cfg, self.world_size)
         self.ds_config = deepspeed_config(trainer_cfg, self.world_size)
         self.zero_stage = int(trainer_cfg.zero_stage)
-        self._client = None  # the optimiser of the current fit
-        self._wrapped = None  # its DeepSpeed engine (None for self-managed optimisers)
+        self._wrapped = None  # the DeepSpeed engine of the current fit (None for self-managed optimisers)
 
     # -- gradients ------------------------------------------------------------------------------
     def get_grad(self, name: str, param: nn.Parameter) -> torch.Tensor | None:
@@ -150,12 +149,9 @@ class DeepSpeedEngine(TorchEngine):
         finally:
             self._release()
 
-    def _prepare(self, optimizer) -> None:
+    def prepare(self, optimizer) -> None:
         """Wrap the model for this fit's client optimiser (the torch engine's `fit` builds it)."""
-        if optimizer is self._client:
-            return
         self._release()
-        self._client = optimizer
         if isinstance(optimizer, torch.optim.Optimizer):
             import deepspeed
 
@@ -171,10 +167,9 @@ class DeepSpeedEngine(TorchEngine):
                 self._wrapped.destroy()
                 for param in self.model.parameters():  # ZeRO-1/2 left them as views of one flat buffer
                     param.data = param.data.clone()
-        self._wrapped, self._client = None, None
+        self._wrapped = None
 
     def _step(self, ctx, method, optimizer, params, chunk: list[dict]) -> float:
-        self._prepare(optimizer)
         micros = [chunk[i : i + self.micro_batch_size] for i in range(0, len(chunk), self.micro_batch_size)]
         mine = micros[self.rank :: self.world_size]
         slots = math.ceil(len(micros) / self.world_size)

@@ -95,6 +95,7 @@ class TorchEngine:
         features = self.encode(records)
         params = method.trainable(self.model)
         optimizer = method.build_optimizer(ctx, params, optimizer_factory)
+        self.prepare(optimizer)
         steps_per_epoch = math.ceil(len(features) / self.batch_size)
         generator = torch.Generator().manual_seed(ctx.seed * 1000 + ctx.t)
         done = load_epoch_state(epoch_dir, params, optimizer) if epoch_dir is not None else None
@@ -125,6 +126,9 @@ class TorchEngine:
                     maybe_kill("epoch", ctx.t)
         return {"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
                 "mean_last_epoch_loss": sum(losses[-steps_per_epoch:]) / steps_per_epoch}
+
+    def prepare(self, optimizer) -> None:
+        """Called once per fit with the method's fresh optimiser (DeepSpeed wraps the model here)."""
 
     def _step(self, ctx, method, optimizer, params, chunk: list[dict]) -> float:
         total = 0.0
