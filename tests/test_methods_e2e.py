@@ -42,11 +42,21 @@ def crash_at(point: str, stage: int):
     return maybe_kill
 
 
-@pytest.mark.parametrize("name", BASELINES + ["migu_piece_code"])
+# name -> (overrides, where the crash is injected: the loop after a step, or the engine after an epoch)
+CASES = {
+    **{name: ([f"method={name}"], ("piece_cl.run.maybe_kill", "step")) for name in BASELINES},
+    "migu_piece_code": (["method=migu", "method.variant=piece_code"], ("piece_cl.run.maybe_kill", "step")),
+    # the authors' EWC changes its state while training: the epoch state must carry the online Fisher
+    "ewc_official_code": (["method=ewc", "protocol=official_code", "model.epochs=2"],
+                          ("piece_cl.training.engine.maybe_kill", "epoch")),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_embedded_default_runs_fills_the_r_matrix_and_resumes_identically(name, shared_cache, tmp_path, monkeypatch):
     """A full run, then a run that crashes in its second stage and is resumed: the same results.json."""
-    method = ["method=migu", "method.variant=piece_code"] if name == "migu_piece_code" else [f"method={name}"]
-    cfg = _compose(method + SHORT + [f"paths.cache_dir={shared_cache}", f"paths.output_root={tmp_path}"])
+    overrides, (target, point) = CASES[name]
+    cfg = _compose(overrides + SHORT + [f"paths.cache_dir={shared_cache}", f"paths.output_root={tmp_path}"])
     run(cfg, tmp_path / "full")
     results = json.loads((tmp_path / "full" / "results.json").read_text())
     assert results["method"] == cfg.method.name and results["stages_done"] == 2
@@ -56,7 +66,7 @@ def test_embedded_default_runs_fills_the_r_matrix_and_resumes_identically(name, 
         assert (tmp_path / "full" / "stage_1_tiny_number" / "mask.safetensors").is_file()
 
     with monkeypatch.context() as patch:
-        patch.setattr("piece_cl.run.maybe_kill", crash_at("step", 1))
+        patch.setattr(target, crash_at(point, 1))
         with pytest.raises(Interrupted):
             run(cfg, tmp_path / "resumed")
     run(cfg, tmp_path / "resumed")  # Method.state_dict and the stage-0 checkpoint carry the method over

@@ -26,6 +26,40 @@ def hand_fisher(net, engine, records, params):
     return {n: v / len(records) for n, v in total.items()}
 
 
+def test_ewc_online_fisher_is_the_authors_sum_of_squared_training_gradients(tmp_path):
+    """fisher_source=training: F += (fisher_ranks x share x ∂CE_micro/∂θ)² / micro-batches per epoch, every
+    micro-batch of every epoch and task, never reset; no penalty during the first task. At lr 0 the weights
+    stay put, so the hand sum needs no replay of the trajectory (and the penalty's gradient is 0 at θ = θ*)."""
+    method = kit.method("ewc", fisher_source="training", fisher_ranks=4, lam=200.0)
+    runner = kit.Runner(method, kit.model(), tmp_path, factory=kit.optimizer_factory(lr=0.0), epochs=2, shuffle=False)
+    net, engine = runner.engine.model, runner.engine
+    params = method.trainable(net)
+    expected = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params}
+    for t in range(2):
+        features = engine.encode(TASKS[t].train)  # batch 4 = 2 micro-batches of 2, in file order
+        micro = [features[i : i + 2] for i in range(0, len(features), 2)]
+        for _ in range(2):  # epochs
+            for chunk in micro:
+                share = len(chunk) / 4 if len(features) % 4 == 0 or chunk is not micro[-1] else 1.0
+                loss = net(**engine.batch(chunk)).loss * share
+                for (n, _), g in zip(params, torch.autograd.grad(loss, [p for _, p in params])):
+                    expected[n] += (4 * g.double()) ** 2 / len(micro)
+        out = SimpleNamespace(loss=torch.tensor(1.0))
+        if t == 0:
+            assert method.loss(runner.context(0, TASKS), {}, out) is out.loss  # no penalty in the first task
+        runner.stage(t, TASKS)
+    for n, p in params:
+        torch.testing.assert_close(method.fisher[n].double(), expected[n], rtol=1e-4, atol=1e-12)
+        assert torch.equal(method.anchor[n], p.detach())
+    assert not method.handles  # no hook outlives its task
+    with torch.no_grad():
+        for _, p in params:
+            p.add_(0.01)
+    penalty = float(method.penalty(net).detach())
+    assert penalty > 0
+    assert float(method.loss(runner.context(1, TASKS), {}, out).detach()) == pytest.approx(1.0 + penalty)
+
+
 def test_ewc_fisher_accumulates_and_penalty_and_gradient_match_hand_computation(tmp_path):
     method = kit.method("ewc", lam=0.5)
     runner = kit.Runner(method, kit.model(), tmp_path)

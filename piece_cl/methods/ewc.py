@@ -5,12 +5,18 @@ that task's training data (`importance.estimate`, kind "fisher"). Fishers are su
 (F = Σ_t F_t) and the anchor is the latest θ*, so the state stays two model-sized tensors however many
 tasks pass. Loss = CE + λ Σ_i F_i (θ_i − θ*_i)²  (λ 0.5; the authors' code: 200).
 
-The authors accumulated F from the training gradients along the trajectory and never reset it
-(NOTES §3); protocol=official_code offers their λ, not that estimate.
+`fisher_source: training` (protocol=official_code) is the authors' estimate instead (NOTES §3): every
+micro-batch's training gradient — of the whole loss, penalty included — squared and divided by the
+micro-batches per epoch, added to F as training goes, over every epoch and task, never reset; the
+penalty applies from the second task on. Their gradient was of loss / accumulation on each of their
+`fisher_ranks` (4) GPUs, i.e. `fisher_ranks` times the one-process share-weighted gradient, so F (and
+the effective λ) grew with the square of their GPU count at equal global batch. Here the micro-batch
+gradient is taken as on `fisher_ranks` ranks whatever the world size, and the ranks' Fishers are
+averaged after each task, so a run gives the same F on 1 or N ranks.
 
 Cost: + 2 × the trainable parameters in `fisher_dtype` (Fisher and θ*; `fisher_device: cpu` keeps them
-off the accelerator), one per-sample gradient pass over the task after training, and an elementwise
-penalty per micro-batch.
+off the accelerator), one per-sample gradient pass over the task after training (or, with
+`fisher_source: training`, a square-and-add per gradient), and an elementwise penalty per micro-batch.
 """
 from __future__ import annotations
 
@@ -38,6 +44,9 @@ def sample_records(records: list[dict], n: int | None, seed: int) -> list[dict]:
     return random.Random(seed).sample(records, int(n))
 
 
+FISHER_SOURCES = ("posterior", "training")
+
+
 @register_method
 class EWC(Method):
     name = "ewc"
@@ -45,8 +54,12 @@ class EWC(Method):
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        if cfg.get("fisher_source", "posterior") not in FISHER_SOURCES:
+            raise PieceError(f"method.fisher_source must be one of {FISHER_SOURCES}, got {cfg.fisher_source!r}")
+        self.online = cfg.get("fisher_source", "posterior") == "training"
         self.fisher: dict[str, Tensor] = {}
         self.anchor: dict[str, Tensor] = {}
+        self.handles: list = []
 
     def penalty(self, model: nn.Module) -> Tensor:
         """λ Σ F (θ − θ*)² over the parameters that carry a Fisher (differentiable in θ)."""
@@ -59,9 +72,38 @@ class EWC(Method):
         return float(self.cfg.lam) * torch.stack(terms).sum()
 
     def loss(self, ctx: StageContext, batch, out) -> Tensor:
-        return out.loss + self.penalty(ctx.model) if self.fisher else out.loss
+        return out.loss + self.penalty(ctx.model) if self.fisher and self.anchor else out.loss
+
+    def before_task(self, ctx: StageContext) -> None:
+        """`fisher_source: training`: a gradient hook per trainable tensor adds g² / micro-batches per epoch."""
+        if not self.online:
+            return
+        engine = ctx.engine
+        micro_batches = -(-len(self.train_records(ctx)) // (engine.micro_batch_size * engine.world_size))
+        scale = float(self.cfg.get("fisher_ranks", 1))
+        dtype = state_dtype(self.cfg.get("fisher_dtype", "float32"))
+        for name, param in self.trainable(ctx.model):
+            device = self.cfg.get("fisher_device") or param.device
+            self.fisher.setdefault(name, torch.zeros(param.shape, dtype=dtype, device=device))
+
+            def accumulate(grad: Tensor, name: str = name) -> None:  # looked up: a resume replaces the tensors
+                fisher = self.fisher[name]
+                grad = torch.nan_to_num(grad.detach(), nan=0.0).to(fisher.device, fisher.dtype)
+                fisher.add_((grad * (scale / engine.grad_scale)).pow(2), alpha=1 / micro_batches)
+
+            self.handles.append(param.register_hook(accumulate))
 
     def after_task(self, ctx: StageContext) -> None:
+        if self.online:
+            for handle in self.handles:
+                handle.remove()
+            self.handles.clear()
+            for fisher in self.fisher.values():  # each rank summed its own micro-batches
+                ctx.engine.average_across_ranks(fisher)
+            self.anchor = {name: param.detach().to(self.fisher[name].device, self.fisher[name].dtype, copy=True)
+                           for name, param in self.trainable(ctx.model)}
+            ctx.log(f"ewc: online Fisher after '{ctx.task.name}' kept; anchor moved to these weights")
+            return
         records = sample_records(ctx.task.train, self.cfg.get("fisher_samples"), ctx.seed + ctx.t)
         features = ctx.engine.encode(records)
         size = ctx.engine.micro_batch_size

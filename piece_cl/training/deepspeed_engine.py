@@ -124,6 +124,14 @@ class DeepSpeedEngine(TorchEngine):
         self._wrapped = None  # the DeepSpeed engine of the current fit (None for self-managed optimisers)
 
     # -- gradients ------------------------------------------------------------------------------
+    @property
+    def grad_scale(self) -> float:
+        return float(self.world_size) if self._wrapped is not None else 1.0  # see `_step`'s rescale
+
+    def average_across_ranks(self, tensor: torch.Tensor) -> None:
+        dist.all_reduce(tensor)
+        tensor.div_(self.world_size)
+
     def get_grad(self, name: str, param: nn.Parameter) -> torch.Tensor | None:
         if self._wrapped is None:
             return param.grad
@@ -174,7 +182,7 @@ class DeepSpeedEngine(TorchEngine):
         mine = micros[self.rank :: self.world_size]
         slots = math.ceil(len(micros) / self.world_size)
         # DeepSpeed averages over ranks; the loop below wants the sum of the share-weighted micro losses.
-        rescale = self.world_size if self._wrapped is not None else 1
+        rescale = self.grad_scale
         local = torch.zeros((), dtype=torch.float64)
         for slot in range(slots):
             micro, weight = (mine[slot], len(mine[slot]) / len(chunk)) if slot < len(mine) else (micros[0], 0.0)

@@ -46,6 +46,13 @@ class TorchEngine:
             if is_multimodal(tokenizer) else None
 
     # -- gradients, engine-agnostic -------------------------------------------------------------
+    # What a gradient seen during this process's backward is, relative to the one-process gradient of the
+    # same micro-batch (DeepSpeed's ranks scale their losses by the world size before it averages them).
+    grad_scale = 1.0
+
+    def average_across_ranks(self, tensor: torch.Tensor) -> None:
+        """In place: the mean of `tensor` over the ranks (one process: itself)."""
+
     def get_grad(self, name: str, param: nn.Parameter) -> torch.Tensor | None:
         return param.grad
 
@@ -98,7 +105,7 @@ class TorchEngine:
         self.prepare(optimizer)
         steps_per_epoch = math.ceil(len(features) / self.batch_size)
         generator = torch.Generator().manual_seed(ctx.seed * 1000 + ctx.t)
-        done = load_epoch_state(epoch_dir, params, optimizer) if epoch_dir is not None else None
+        done = load_epoch_state(epoch_dir, method, params, optimizer) if epoch_dir is not None else None
         losses: list[float] = list(done.losses) if done else []
         if done:
             self.global_step = done.global_step
@@ -121,8 +128,8 @@ class TorchEngine:
                     if on_step is not None:
                         on_step(self.global_step)
                 if epoch_dir is not None and self.is_main:
-                    save_epoch_state(epoch_dir, EpochState(epoch + 1, losses, self.global_step), params, optimizer,
-                                     finished=epoch + 1 == epochs)
+                    save_epoch_state(epoch_dir, EpochState(epoch + 1, losses, self.global_step), method, params,
+                                     optimizer, finished=epoch + 1 == epochs)
                     maybe_kill("epoch", ctx.t)
         return {"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
                 "mean_last_epoch_loss": sum(losses[-steps_per_epoch:]) / steps_per_epoch}

@@ -2,12 +2,13 @@
 
 A stage restarts from the previous stage's checkpoint with the same seed, so the method's `before_task`
 rebuilds masks, teacher and new adapters exactly as the first attempt did; only then does the engine load
-this state — the weights the fit trains, the optimiser state, the RNG states, the losses and the step
-counter — and skip the epochs already done. Written atomically after every epoch (the last one without
-optimiser state: a kill during evaluation then skips training altogether).
+this state — the method's `state_dict`, the weights the fit trains, the optimiser state, the RNG states,
+the losses and the step counter — and skip the epochs already done. Written atomically after every epoch
+(the last one without optimiser state: a kill during evaluation then skips training altogether).
 
-Cost per epoch: one copy of the trained weights plus the optimiser state (Adam: 2x the trained weights;
-PIECE: 2k numbers). `trainer.epoch_checkpoints=false` turns it off.
+Cost per epoch: one copy of the trained weights, the optimiser state (Adam: 2x the trained weights;
+PIECE: a few numbers per selected entry) and the method's state (EWC: 2x the trained weights).
+`trainer.epoch_checkpoints=false` turns it off.
 """
 from __future__ import annotations
 
@@ -46,11 +47,13 @@ def _set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_epoch_state(directory: Path, state: EpochState, params: list[tuple[str, torch.nn.Parameter]],
+def save_epoch_state(directory: Path, state: EpochState, method, params: list[tuple[str, torch.nn.Parameter]],
                      optimizer, finished: bool) -> None:
     with atomic_directory(directory) as tmp:
         with writing(directory / "weights.safetensors"):
             save_file({name: p.detach().contiguous() for name, p in params}, str(tmp / "weights.safetensors"))
+        with writing(directory / "method.pt"), open(tmp / "method.pt", "wb") as handle:
+            torch.save(method.state_dict(), handle)  # what changes while training (EWC's online Fisher)
         with writing(directory / "rng.pt"), open(tmp / "rng.pt", "wb") as handle:
             torch.save(_rng_states(), handle)
         if not finished:
@@ -59,11 +62,14 @@ def save_epoch_state(directory: Path, state: EpochState, params: list[tuple[str,
         (tmp / "progress.json").write_text(json.dumps(vars(state)))
 
 
-def load_epoch_state(directory: Path, params: list[tuple[str, torch.nn.Parameter]], optimizer) -> EpochState | None:
-    """Restore the weights, RNG states and (mid-stage) optimiser state saved after the last finished epoch."""
+def load_epoch_state(directory: Path, method, params: list[tuple[str, torch.nn.Parameter]],
+                     optimizer) -> EpochState | None:
+    """Restore the method's state, the weights, RNG states and (mid-stage) optimiser state saved after the
+    last finished epoch."""
     if not (directory / "progress.json").exists():
         return None
     state = EpochState(**json.loads((directory / "progress.json").read_text()))
+    method.load_state_dict(torch.load(directory / "method.pt", weights_only=False))
     weights = load_file(str(directory / "weights.safetensors"))
     with torch.no_grad():
         for name, param in params:
