@@ -211,6 +211,23 @@ def test_piece_run_two_ranks_one_run_dir_same_results_as_torch(torch_run):
 
 
 @pytest.mark.distributed
+def test_piece_s_run_on_two_ranks_gives_the_one_process_r_matrix(tmp_path):
+    """PIECE-S end to end (importance on every rank, the O(k) optimiser data-parallel): the same R matrix
+    and final weights as the torch engine."""
+    dirs = {}
+    for name, extra in (("torch", []), ("ds", ["trainer=deepspeed", "trainer.nproc_per_node=2"])):
+        done = piece_run(tmp_path, "method=piece_s", f"hydra.run.dir={name}", *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+        dirs[name] = tmp_path / name
+    results = [OmegaConf.load(d / "results.json") for d in dirs.values()]
+    assert results[0].R == results[1].R and results[1].stages_done == 2
+    masks = [load_file(d / "stage_1_tiny_number" / "mask.safetensors") for d in dirs.values()]
+    assert masks[0].keys() == masks[1].keys() and all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+    weights = [load_file(d / "checkpoint" / "stage_1" / "model.safetensors") for d in dirs.values()]
+    assert max_difference(weights[0], weights[1]) < WEIGHT_TOLERANCE
+
+
+@pytest.mark.distributed
 def test_two_rank_run_killed_mid_stage_resumes_on_one_rank(torch_run):
     """SIGKILL in the second stage of a 2-rank ZeRO-2 run; the same command with one rank finishes it from
     the committed first stage, and the R matrix is the uninterrupted run's."""
