@@ -55,10 +55,6 @@ def validate(cfg: DictConfig) -> None:
         (int(cfg.trainer.batch_size) > 0, f"trainer.batch_size must be positive, got {cfg.trainer.batch_size}"),
         (int(cfg.trainer.micro_batch_size) > 0, f"trainer.micro_batch_size must be positive, got {cfg.trainer.micro_batch_size}"),
     ]
-    if cfg.trainer.engine == "deepspeed":
-        checks.append((not cfg.trainer.epoch_checkpoints,
-                       "trainer.epoch_checkpoints=true is supported by trainer=torch only (ZeRO partitions the "
-                       "optimiser state); under trainer=deepspeed a killed stage restarts from its beginning"))
     if "ratio" in cfg.method:
         checks.append((0 < float(cfg.method.ratio) <= 1, f"method.ratio must be in (0, 1], got {cfg.method.ratio}"))
     for ok, message in checks:

@@ -129,7 +129,7 @@ def test_every_method_on_two_ranks_matches_one_process_and_acts(tmp_path, refere
         assert_mechanism(name, ds, ref)
 
 
-def test_zero3_and_offload_refusals_name_the_conflict():
+def test_engine_settings_a_method_cannot_honour_are_refused():
     """Settings a method cannot honour are refused in the parent, before anything loads."""
     def check(*overrides: str) -> None:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -144,6 +144,9 @@ def test_zero3_and_offload_refusals_name_the_conflict():
             check("method=piece_s", "trainer.zero_stage=3", f"trainer.{key}=true")
     check("method=piece_s", "trainer.zero_stage=3")
     check("method=seqlora", "trainer.zero_stage=3", "trainer.offload_optimizer=true", "trainer.offload_param=true")
+    with pytest.raises(PieceError, match="epoch_checkpoints=true under trainer=deepspeed needs an optimiser outside"):
+        check("method=seqft", "trainer.epoch_checkpoints=true")
+    check("method=piece_f", "trainer.epoch_checkpoints=true")
 
 
 @pytest.mark.distributed
@@ -211,19 +214,25 @@ def test_piece_run_two_ranks_one_run_dir_same_results_as_torch(torch_run):
 
 
 @pytest.mark.distributed
-def test_piece_s_run_on_two_ranks_gives_the_one_process_r_matrix(tmp_path):
-    """PIECE-S end to end (importance on every rank, the O(k) optimiser data-parallel): the same R matrix
-    and final weights as the torch engine."""
-    dirs = {}
-    for name, extra in (("torch", []), ("ds", ["trainer=deepspeed", "trainer.nproc_per_node=2"])):
-        done = piece_run(tmp_path, "method=piece_s", f"hydra.run.dir={name}", *extra)
-        assert done.returncode == 0, done.stderr[-3000:]
-        dirs[name] = tmp_path / name
-    results = [OmegaConf.load(d / "results.json") for d in dirs.values()]
+def test_piece_s_two_ranks_killed_between_epochs_resume_to_the_one_process_results(tmp_path):
+    """PIECE-S end to end (importance on every rank, its O(k) optimiser data-parallel, epoch states kept by
+    rank 0): a 2-rank run SIGKILLed after the first epoch of stage 2 continues there and ends with the torch
+    engine's masks, R matrix and weights."""
+    run = ["method=piece_s", "model.epochs=2"]
+    done = piece_run(tmp_path, *run, "hydra.run.dir=torch")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ds = [*run, "hydra.run.dir=ds", "trainer=deepspeed", "trainer.nproc_per_node=2", "trainer.epoch_checkpoints=true"]
+    killed = piece_run(tmp_path, *ds, kill_at="epoch@1")
+    assert killed.returncode == 2 and OmegaConf.load(tmp_path / "ds" / "results.json").stages_done == 1
+    resumed = piece_run(tmp_path, *ds, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "task 'tiny_number': continuing after epoch 1/2" in resumed.stdout + resumed.stderr
+    dirs = [tmp_path / "torch", tmp_path / "ds"]
+    results = [OmegaConf.load(d / "results.json") for d in dirs]
     assert results[0].R == results[1].R and results[1].stages_done == 2
-    masks = [load_file(d / "stage_1_tiny_number" / "mask.safetensors") for d in dirs.values()]
+    masks = [load_file(d / "stage_1_tiny_number" / "mask.safetensors") for d in dirs]
     assert masks[0].keys() == masks[1].keys() and all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
-    weights = [load_file(d / "checkpoint" / "stage_1" / "model.safetensors") for d in dirs.values()]
+    weights = [load_file(d / "checkpoint" / "stage_1" / "model.safetensors") for d in dirs]
     assert max_difference(weights[0], weights[1]) < WEIGHT_TOLERANCE
 
 

@@ -86,15 +86,28 @@ class Method:
     # Why the method cannot run under ZeRO-3 (None: it can). ZeRO-3 holds only a shard of each parameter
     # outside the forward pass, so a method reading whole weights or running its own backward passes fails.
     zero3_blocker: ClassVar[str | None] = None
+    # True when the method's optimiser is not a torch optimiser that ZeRO partitions (PIECE's O(k) one): its
+    # state is replicated on every rank, so ZeRO offloads do nothing and epoch checkpoints work as in one process.
+    optimizer_outside_zero: ClassVar[bool] = False
 
     def __init__(self, cfg):
         self.cfg = cfg
 
     def check_trainer(self, trainer_cfg) -> None:
         """Refuse engine settings the method cannot honour, in the parent, before anything loads."""
-        if trainer_cfg.engine == "deepspeed" and int(trainer_cfg.zero_stage) == 3 and self.zero3_blocker:
+        if trainer_cfg.engine != "deepspeed":
+            return
+        if int(trainer_cfg.zero_stage) == 3 and self.zero3_blocker:
             raise PieceError(f"method={self.name} cannot run under trainer.zero_stage=3: {self.zero3_blocker}; "
                              "use trainer.zero_stage=2 (the paper's setting)")
+        if self.optimizer_outside_zero:
+            for key in ("offload_optimizer", "offload_param"):
+                if trainer_cfg.get(key):
+                    raise PieceError(f"method={self.name} keeps its own O(k) optimiser state outside ZeRO, so trainer."
+                                     f"{key}=true would be ignored; drop it (that state is a few numbers per selected entry)")
+        elif trainer_cfg.get("epoch_checkpoints"):
+            raise PieceError(f"trainer.epoch_checkpoints=true under trainer=deepspeed needs an optimiser outside ZeRO "
+                             f"(PIECE-F/S); method={self.name}'s is partitioned, so its stages restart when killed")
 
     # -- once ---------------------------------------------------------------------------------
     def setup(self, model: nn.Module) -> nn.Module:

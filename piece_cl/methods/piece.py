@@ -32,6 +32,7 @@ class Piece(Method):
     """Top-k importance mask per task; `kind` is the importance of Eq. 4 ("fisher") or Eq. 10 ("s")."""
 
     kind: ClassVar[str]
+    optimizer_outside_zero = True  # SparseMaskedAdam: data parallel, replicated, never partitioned
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -47,15 +48,6 @@ class Piece(Method):
         eligible = eligible_parameters(model, exclude=list(self.cfg.exclude))
         top_k_size(float(self.cfg.ratio), sum(p.numel() for p in model.parameters()), sum(p.numel() for _, p in eligible))
         return model
-
-    def check_trainer(self, trainer_cfg) -> None:
-        """The O(k) optimiser is never handed to ZeRO, so an offload would silently do nothing."""
-        super().check_trainer(trainer_cfg)
-        if trainer_cfg.engine == "deepspeed":
-            for key in ("offload_optimizer", "offload_param"):
-                if trainer_cfg.get(key):
-                    raise PieceError(f"method={self.name} keeps its own O(k) optimiser state outside ZeRO, so "
-                                     f"trainer.{key}=true would be ignored; drop it (that state is a few numbers per selected entry)")
 
     # -- before the task: importance and mask ---------------------------------------------------
     def before_task(self, ctx: StageContext) -> None:

@@ -122,6 +122,7 @@ class DeepSpeedEngine(TorchEngine):
         self.ds_config = deepspeed_config(trainer_cfg, self.world_size)
         self.zero_stage = int(trainer_cfg.zero_stage)
         self._wrapped = None  # the DeepSpeed engine of the current fit (None for self-managed optimisers)
+        self._epoch_states = False  # whether the current fit keeps epoch states
 
     # -- gradients ------------------------------------------------------------------------------
     @property
@@ -131,6 +132,9 @@ class DeepSpeedEngine(TorchEngine):
     def average_across_ranks(self, tensor: torch.Tensor) -> None:
         dist.all_reduce(tensor)
         tensor.div_(self.world_size)
+
+    def barrier(self) -> None:
+        dist.barrier()
 
     def get_grad(self, name: str, param: nn.Parameter) -> torch.Tensor | None:
         if self._wrapped is None:
@@ -150,16 +154,20 @@ class DeepSpeedEngine(TorchEngine):
     # -- training -------------------------------------------------------------------------------
     def fit(self, ctx, method, records, epochs, optimizer_factory, on_step=None, description="train",
             epoch_dir=None) -> dict:
-        if epoch_dir is not None:  # ZeRO partitions the optimiser state; a stage restarts from its beginning
-            raise PieceError("trainer.epoch_checkpoints=true is supported by trainer=torch only")
+        """The torch engine's fit; epoch states (`epoch_dir`) only for optimisers outside ZeRO, whose state
+        every rank holds whole (Method.check_trainer refuses the others in the parent)."""
+        self._epoch_states = epoch_dir is not None
         try:
-            return super().fit(ctx, method, records, epochs, optimizer_factory, on_step, description)
+            return super().fit(ctx, method, records, epochs, optimizer_factory, on_step, description, epoch_dir)
         finally:
             self._release()
 
     def prepare(self, optimizer) -> None:
         """Wrap the model for this fit's client optimiser (the torch engine's `fit` builds it)."""
         self._release()
+        if self._epoch_states and isinstance(optimizer, torch.optim.Optimizer):
+            raise PieceError("trainer.epoch_checkpoints=true under trainer=deepspeed needs an optimiser outside ZeRO "
+                             "(PIECE-F/S); ZeRO partitions this one")
         if isinstance(optimizer, torch.optim.Optimizer):
             import deepspeed
 

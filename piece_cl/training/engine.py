@@ -53,6 +53,9 @@ class TorchEngine:
     def average_across_ranks(self, tensor: torch.Tensor) -> None:
         """In place: the mean of `tensor` over the ranks (one process: itself)."""
 
+    def barrier(self) -> None:
+        """Every rank waits here for the others (one process: nothing to wait for)."""
+
     def get_grad(self, name: str, param: nn.Parameter) -> torch.Tensor | None:
         return param.grad
 
@@ -127,9 +130,11 @@ class TorchEngine:
                     bar.update(job, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {loss:.3f}")
                     if on_step is not None:
                         on_step(self.global_step)
-                if epoch_dir is not None and self.is_main:
-                    save_epoch_state(epoch_dir, EpochState(epoch + 1, losses, self.global_step), method, params,
-                                     optimizer, finished=epoch + 1 == epochs)
+                if epoch_dir is not None:
+                    if self.is_main:
+                        save_epoch_state(epoch_dir, EpochState(epoch + 1, losses, self.global_step), method, params,
+                                         optimizer, finished=epoch + 1 == epochs)
+                    self.barrier()  # no rank goes on (or is killed) before the epoch state is complete
                     maybe_kill("epoch", ctx.t)
         return {"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
                 "mean_last_epoch_loss": sum(losses[-steps_per_epoch:]) / steps_per_epoch}
