@@ -54,9 +54,10 @@ class EWC(Method):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        if cfg.get("fisher_source", "posterior") not in FISHER_SOURCES:
-            raise PieceError(f"method.fisher_source must be one of {FISHER_SOURCES}, got {cfg.fisher_source!r}")
-        self.online = cfg.get("fisher_source", "posterior") == "training"
+        source = cfg.get("fisher_source", "posterior")
+        if source not in FISHER_SOURCES:
+            raise PieceError(f"method.fisher_source must be one of {FISHER_SOURCES}, got {source!r}")
+        self.online = source == "training"
         self.fisher: dict[str, Tensor] = {}
         self.anchor: dict[str, Tensor] = {}
         self.handles: list = []
