@@ -39,15 +39,15 @@ def generate(
     if images is not None and (len(images) != len(prompts) or not is_multimodal(tokenizer)):
         raise PieceError(f"generate: {len(images)} images for {len(prompts)} prompts need as many, and a multimodal model")
     processor, tokenizer = tokenizer, text_tokenizer(tokenizer)
-    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    keep = -int(max_prompt_len) if max_prompt_len and images is None else None
+    token_ids = [ids[keep:] for ids in tokenizer(prompts)["input_ids"]]  # cut exactly as collate.encode_record
+    order = sorted(range(len(prompts)), key=lambda i: len(token_ids[i]))
     sampling = {"do_sample": True, "top_k": top_k, "top_p": top_p, "temperature": temperature} if do_sample else {
         "do_sample": False, "top_k": None, "top_p": None, "temperature": None}
     outputs: list[str] = [""] * len(prompts)
     was_training, padding_side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
-    keep = -int(max_prompt_len) if max_prompt_len else None
     device = next(model.parameters()).device
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
@@ -57,8 +57,7 @@ def generate(
                 batch = order[start:start + batch_size]
                 batch_prompts = [prompts[i] for i in batch]
                 if images is None:
-                    ids = [tokenizer(p)["input_ids"][keep:] for p in batch_prompts]  # cut exactly as collate.encode_record
-                    encoded = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)
+                    encoded = tokenizer.pad({"input_ids": [token_ids[i] for i in batch]}, return_tensors="pt").to(device)
                 else:
                     encoded = processor_inputs(processor, batch_prompts, [images[i] for i in batch]).to(device)
                 with torch.no_grad():

@@ -122,7 +122,6 @@ class DeepSpeedEngine(TorchEngine):
         self.ds_config = deepspeed_config(trainer_cfg, self.world_size)
         self.zero_stage = int(trainer_cfg.zero_stage)
         self._wrapped = None  # the DeepSpeed engine of the current fit (None for self-managed optimisers)
-        self._epoch_states = False  # whether the current fit keeps epoch states
 
     # -- gradients ------------------------------------------------------------------------------
     @property
@@ -156,7 +155,6 @@ class DeepSpeedEngine(TorchEngine):
             epoch_dir=None) -> dict:
         """The torch engine's fit; epoch states (`epoch_dir`) only for optimisers outside ZeRO, whose state
         every rank holds whole (Method.check_trainer refuses the others in the parent)."""
-        self._epoch_states = epoch_dir is not None
         try:
             return super().fit(ctx, method, records, epochs, optimizer_factory, on_step, description, epoch_dir)
         finally:
@@ -165,9 +163,6 @@ class DeepSpeedEngine(TorchEngine):
     def prepare(self, optimizer) -> None:
         """Wrap the model for this fit's client optimiser (the torch engine's `fit` builds it)."""
         self._release()
-        if self._epoch_states and isinstance(optimizer, torch.optim.Optimizer):
-            raise PieceError("trainer.epoch_checkpoints=true under trainer=deepspeed needs an optimiser outside ZeRO "
-                             "(PIECE-F/S); ZeRO partitions this one")
         if isinstance(optimizer, torch.optim.Optimizer):
             import deepspeed
 
