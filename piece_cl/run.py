@@ -18,6 +18,7 @@ from piece_cl.checkpoint import epoch_checkpoint, load_stage_state, prune_checkp
 from piece_cl.data.registry import build_benchmark
 from piece_cl.errors import PieceError
 from piece_cl.evaluation.evaluate import evaluate_task
+from piece_cl.evaluation.sharding import Shard
 from piece_cl.faults import maybe_kill
 from piece_cl.io import atomic_write_json, write_jsonl
 from piece_cl.methods.base import StageContext, build_method
@@ -35,19 +36,24 @@ def seed_everything(seed: int) -> None:
 
 
 def evaluate_stage(model, tokenizer, seen_tasks, probe, eval_cfg, t: int):
-    """Row t of the R matrix (every task seen so far) and the probe, with metrics and predictions."""
+    """Row t of the R matrix (every task seen so far) and the probe, with metrics and predictions.
+
+    Each rank generates its share (evaluation/sharding.py); every rank returns the gathered results.
+    """
+    shard = Shard.current()
     row, metrics, predictions = [], {}, []
     for task in seen_tasks:
-        score, task_metrics, items = evaluate_task(model, tokenizer, task, eval_cfg)
+        score, task_metrics, items = evaluate_task(model, tokenizer, task, eval_cfg, shard)
         row.append(score)
         metrics[task.name] = task_metrics
         predictions.extend(items)
         maybe_kill("eval", t)
     probe_score = None
     if probe is not None:
-        probe_score, probe_items = probe.evaluate(model, tokenizer, eval_cfg)
+        probe_score, probe_items = probe.evaluate(model, tokenizer, eval_cfg, shard)
         metrics["probe"] = {probe.name: probe_score}
         predictions.extend({"task": probe.name, **item} for item in probe_items)
+    metrics["evaluation"] = {"prompts_per_rank": shard.work_per_rank()}
     return row, probe_score, metrics, predictions
 
 
@@ -72,7 +78,7 @@ def run(cfg, run_dir: Path) -> RunResults:
 
     if probe is not None and cfg.eval.probe_before and results.probe_base is None:
         console.print(f"[bold]probe[/] {probe.name} on the base model ...")
-        results.probe_base, _ = probe.evaluate(engine.model, tokenizer, cfg.eval)
+        results.probe_base, _ = probe.evaluate(engine.model, tokenizer, cfg.eval, Shard.current())
         console.print(f"base model: {probe.name} = {results.probe_base:.2f}")
 
     curves = LossCurves(engine, benchmark.tasks, every=int(cfg.trainer.loss_curve_every),
@@ -106,7 +112,8 @@ def run(cfg, run_dir: Path) -> RunResults:
                                                                 probe, cfg.eval, t)
         metrics["train"] = stats
 
-        # Every rank trained and evaluated the same stage (the model is whole between fits); rank 0 writes.
+        # Every rank trained the same stage and holds the gathered evaluation (the model is whole between
+        # fits); rank 0 writes.
         if engine.is_main:
             write_jsonl(stage_dir / "predictions.jsonl", predictions)
             atomic_write_json(stage_dir / "metrics.json", metrics)

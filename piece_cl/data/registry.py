@@ -29,7 +29,8 @@ class Probe(Protocol):
 
     name: str
 
-    def evaluate(self, model, tokenizer, gen_cfg) -> tuple[float, list[dict]]: ...
+    def evaluate(self, model, tokenizer, gen_cfg, shard=None) -> tuple[float, list[dict]]:
+        """`shard` (evaluation.sharding.Shard): generate only this rank's share; return everyone's."""
 
 
 @dataclass

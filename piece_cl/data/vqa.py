@@ -140,13 +140,13 @@ class CaptionProbe:
     max_new_tokens: int = 128
     missing_images: int = 0
 
-    def evaluate(self, model, tokenizer, gen_cfg) -> tuple[float, list[dict]]:
+    def evaluate(self, model, tokenizer, gen_cfg, shard=None) -> tuple[float, list[dict]]:
         from piece_cl.evaluation.generation import generate
         from piece_cl.evaluation.scorers import score
 
         predictions = generate(
             model, tokenizer, [r["prompt"] for r in self.records], max_new_tokens=self.max_new_tokens,
-            batch_size=gen_cfg.get("batch_size", 16), images=[r["image"] for r in self.records],
+            batch_size=gen_cfg.get("batch_size", 16), images=[r["image"] for r in self.records], shard=shard,
         )
         references = [r["references"] for r in self.records]
         items = [{"image": r["image"], "prediction": p, "references": r["references"]}

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from piece_cl.evaluation.generation import generate
 from piece_cl.evaluation.sandbox import check_programs
+from piece_cl.evaluation.sharding import Shard
 
 # lm-evaluation-harness's HumanEval stop sequences: a new top-level statement ends the function.
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -43,8 +44,13 @@ class CodeProbe:
     batch_size: int | None = None  # None: the eval config's batch size
     style: str = "authors"
 
-    def evaluate(self, model, tokenizer, gen_cfg) -> tuple[float, list[dict]]:
-        """(pass@1 on 0..100, one record per problem with its completion and execution status)."""
+    def evaluate(self, model, tokenizer, gen_cfg, shard: Shard | None = None) -> tuple[float, list[dict]]:
+        """(pass@1 on 0..100, one record per problem with its completion and execution status).
+
+        With `shard`, this rank generates its share of the completions and executes its share of the
+        programs; every rank returns the gathered records.
+        """
+        shard = shard or Shard()
         raw = generate(
             model,
             tokenizer,
@@ -56,10 +62,11 @@ class CodeProbe:
             top_p=gen_cfg.get("top_p"),
             temperature=gen_cfg.get("temperature"),
             seed=gen_cfg.get("seed"),
+            shard=shard,
         )
         completions = [postprocess_completion(text, self.style) for text in raw]
-        results = check_programs([build_program(p, c) for p, c in zip(self.problems, completions)],
-                                 timeout=self.timeout)
+        results = shard.map(lambda programs: check_programs(programs, timeout=self.timeout),
+                            [build_program(p, c) for p, c in zip(self.problems, completions)])
         records = [
             {"task_id": p["task_id"], "completion": c, "passed": r.passed, "status": r.status}
             for p, c, r in zip(self.problems, completions, results)

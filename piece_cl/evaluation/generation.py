@@ -1,7 +1,8 @@
 """Batched generation for evaluation: left padding, KV cache, greedy (deterministic) by default.
 
 Prompts are sorted by length before batching so that a batch wastes little on padding; the
-outputs are returned in the caller's order.
+outputs are returned in the caller's order. Under data parallelism each rank generates its share of
+those batches (evaluation/sharding.py) and every rank returns all outputs.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from piece_cl.data.multimodal import is_multimodal, processor_inputs, text_tokenizer
 from piece_cl.errors import PieceError
+from piece_cl.evaluation.sharding import Shard
 
 
 def generate(
@@ -27,11 +29,14 @@ def generate(
     progress: Callable[[int, int], None] | None = None,
     images: list[str] | None = None,
     max_prompt_len: int | None = None,
+    shard: Shard | None = None,
 ) -> list[str]:
     """The new text generated after each prompt (special tokens stripped), in the order of `prompts`.
 
-    `progress(done, total)` is called after every batch. Sampling draws from its own RNG stream
-    seeded by `seed`, so evaluation never disturbs the training RNG. For a multimodal model `tokenizer`
+    `progress(done, total)` is called after every batch. Sampling draws from its own RNG stream,
+    reseeded from (`seed`, batch number) at every batch, so evaluation never disturbs the training RNG
+    and a batch samples the same on any rank. With `shard`, this rank generates batch j when
+    `shard.owns(j)` and the outputs of all ranks are gathered. For a multimodal model `tokenizer`
     is its processor and `images` holds one image path per prompt. Text prompts longer than
     `max_prompt_len` tokens lose their beginning exactly as in training (the instruction's end stays next
     to the answer); multimodal prompts are never cut (their image tokens must stay whole).
@@ -44,16 +49,19 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: len(token_ids[i]))
     sampling = {"do_sample": True, "top_k": top_k, "top_p": top_p, "temperature": temperature} if do_sample else {
         "do_sample": False, "top_k": None, "top_p": None, "temperature": None}
-    outputs: list[str] = [""] * len(prompts)
+    shard = shard or Shard()
+    outputs: dict[int, str] = {}
     was_training, padding_side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
-            for start in range(0, len(order), batch_size):
+            for number, start in enumerate(range(0, len(order), batch_size)):
+                if not shard.owns(number):
+                    continue
+                if seed is not None:
+                    torch.manual_seed(int(seed) * 100_003 + number)
                 batch = order[start:start + batch_size]
                 batch_prompts = [prompts[i] for i in batch]
                 if images is None:
@@ -71,9 +79,11 @@ def generate(
                 new_tokens = generated[:, encoded["input_ids"].shape[1]:]
                 for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                     outputs[i] = text
+                shard.generated += len(batch)
                 if progress is not None:
                     progress(min(start + batch_size, len(order)), len(order))
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
-    return outputs
+    outputs = shard.gather(outputs)
+    return [outputs[i] for i in range(len(prompts))]
