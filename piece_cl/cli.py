@@ -77,7 +77,8 @@ def library_versions() -> dict[str, str]:
 
 # Keys that may change between a run and its resumption.
 VOLATILE = ("resume", "verbose", "run_dir", "world_size", "distributed", "versions", "overrides",
-            "trainer.nproc_per_node", "trainer.master_port")
+            "trainer.nproc_per_node", "trainer.master_port", "trainer.nnodes", "trainer.node_rank",
+            "trainer.rdzv_endpoint", "trainer.rdzv_id")
 
 
 def _flatten(node, prefix: str = "") -> dict:
@@ -166,6 +167,8 @@ def fail(message: str) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.trainer.engine == "deepspeed" and _joins_first_node(cfg):
+        return
     existed = (run_dir / "results.json").exists()
     try:
         validate(cfg)
@@ -197,6 +200,21 @@ def _main(cfg: DictConfig) -> None:
         if cfg.verbose:
             raise
         fail(str(err) if disk_full is None else disk_full_message(err, disk_full, run_dir))
+
+
+def _joins_first_node(cfg: DictConfig) -> bool:
+    """On a node after the first, run this node's ranks in the first node's run directory (launch.join)."""
+    from piece_cl.launch import join, node_rank
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        if node_rank(cfg.trainer) == 0:
+            return False
+        join(cfg, run_dir)
+    except PieceError as err:
+        fail(str(err))  # never removes the directory: it is the first node's
+    print(f"results: {run_dir / 'results.json'}")
+    return True
 
 
 def main() -> None:

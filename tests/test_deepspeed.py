@@ -59,6 +59,26 @@ def test_rank_entry_ignores_launcher_arguments(tmp_path):
         parse([str(tmp_path), "method=seqft"])
 
 
+def test_more_than_one_node_uses_a_c10d_rendezvous_and_names_what_it_needs(tmp_path, monkeypatch):
+    from piece_cl.launch import node_rank, torchrun_command
+
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    trainer = OmegaConf.create({"nproc_per_node": 8, "nnodes": 2, "node_rank": None, "rdzv_endpoint": None,
+                                "rdzv_id": None, "master_port": None})
+    with pytest.raises(PieceError, match="trainer.nnodes=2 needs trainer.rdzv_endpoint=HOST:PORT"):
+        torchrun_command(trainer, tmp_path)
+    trainer.rdzv_endpoint = "node0:29400"
+    command = torchrun_command(trainer, tmp_path)
+    assert "--rdzv_backend=c10d" in command and "--rdzv_endpoint=node0:29400" in command and "--nnodes=2" in command
+    assert [a for a in command if a.startswith("--rdzv_id=")] == [a for a in torchrun_command(trainer, tmp_path)
+                                                                  if a.startswith("--rdzv_id=")]  # same on every node
+    assert node_rank(trainer) == 1  # from SLURM when not given
+    trainer.node_rank = 0
+    assert node_rank(trainer) == 0
+
+
 BASELINES = ("seqft", "ewc", "gem", "lwf", "replay", "seqlora", "olora", "layernorm", "migu")
 ZERO3_BLOCKED = ("ewc", "gem", "olora")  # refused by check_trainer, see test_zero3_refusals
 SETTINGS = {
@@ -170,8 +190,8 @@ def test_piece_s_two_ranks_equal_and_outside_mask_bit_identical(tmp_path, refere
 
 PIECE_RUN = ["experiment=smoke", "model.pretrain.steps=5", "model.pretrain.problems=40",
              "benchmark.tasks=[tiny_choice,tiny_number]", "benchmark.train_size=16", "benchmark.eval_size=4",
-             "benchmark.test_size=4", "benchmark.probe.n_problems=2", "eval.probe_before=false",
-             "model.batch_size=8", "trainer.micro_batch_size=2"]
+             "benchmark.test_size=4", "benchmark.probe.n_problems=4", "eval.probe_before=false",
+             "eval.batch_size=2", "model.batch_size=8", "trainer.micro_batch_size=2"]
 
 
 def piece_run(root: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
@@ -205,12 +225,44 @@ def test_piece_run_two_ranks_one_run_dir_same_results_as_torch(torch_run):
     config = OmegaConf.load(ds_dir / "config.yaml")
     assert config.world_size == 2 and config.distributed.accumulation == 2 and config.distributed.zero_stage == 2
     assert config.versions.deepspeed != "not installed"
-    results = [OmegaConf.load(d / "results.json") for d in (torch_run, ds_dir)]
-    assert results[0].R == results[1].R and results[1].stages_done == 2
+    assert_same_results(torch_run, ds_dir)
     weights = [load_file(d / "checkpoint" / "stage_1" / "model.safetensors") for d in (torch_run, ds_dir)]
     # Adam divides by sqrt(v): entries with near-zero gradients turn the ~1e-7 summation-order difference
     # into up to a few e-5 after 4 steps at lr 1e-3 (measured 4.5e-5); a tenth of one step's largest move.
     assert max_difference(weights[0], weights[1]) < 1e-4
+
+
+def assert_same_results(one_process: Path, two_ranks: Path) -> None:
+    """The R matrix and every stage's predictions equal one process's; each rank generated half of them."""
+    results = [OmegaConf.load(d / "results.json") for d in (one_process, two_ranks)]
+    assert results[0].R == results[1].R and results[1].stages_done == 2
+    for stage, seen in (("stage_0_tiny_choice", 1), ("stage_1_tiny_number", 2)):
+        predictions = [(d / stage / "predictions.jsonl").read_text() for d in (one_process, two_ranks)]
+        assert predictions[0] == predictions[1] and predictions[0].count("\n") == 4 * seen + 4
+        work = [OmegaConf.load(d / stage / "metrics.json").evaluation.prompts_per_rank for d in (one_process, two_ranks)]
+        # eval batches of 2: each task's 4 prompts and the probe's 4 problems split batch by batch
+        assert work[0] == [4 * seen + 4] and list(work[1]) == [2 * seen + 2] * 2
+
+
+@pytest.mark.distributed
+def test_two_nodes_of_one_rank_on_loopback_match_one_process(torch_run):
+    """trainer.nnodes=2: two `piece-run`s (node 0 and node 1, one rank each) on one shared run directory,
+    joined by torchrun's c10d rendezvous on loopback, give one process's R matrix and predictions."""
+    from piece_cl.training.deepspeed_engine import free_port
+
+    root = torch_run.parent
+    env = {**ENV, "PIECE_OUTPUT_ROOT": str(root / "out"), "PIECE_CACHE_DIR": str(root / "cache")}
+    env.pop("PIECE_KILL_AT", None)
+    nodes = ["trainer=deepspeed", "trainer.nproc_per_node=1", "trainer.nnodes=2", "hydra.run.dir=two_nodes",
+             f"trainer.rdzv_endpoint=127.0.0.1:{free_port()}"]
+    started = [subprocess.Popen([sys.executable, "-m", "piece_cl.cli", *PIECE_RUN, *nodes, f"trainer.node_rank={rank}"],
+                                cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for rank in (1, 0)]  # the second node first: it waits for the first to prepare the directory
+    outputs = [node.communicate(timeout=600) for node in started]
+    assert [node.returncode for node in started] == [0, 0], [err[-3000:] for _, err in outputs]
+    config = OmegaConf.load(root / "two_nodes" / "config.yaml")
+    assert config.world_size == 2 and config.distributed.nnodes == 2 and config.distributed.nproc_per_node == 1
+    assert_same_results(torch_run, root / "two_nodes")
 
 
 @pytest.mark.distributed
