@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from rich.markup import escape
 
 from piece_cl.progress import console
 from piece_cl.tracking.backends import TensorBoardBackend, TrackingUnavailable, WandbBackend
@@ -137,7 +138,7 @@ def _figures(results, out_dir: Path) -> dict[str, Path]:
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]WARNING[/] tracking: {message}")
+    console.print(f"[yellow]WARNING[/] tracking: {escape(message)}")
 
 
 def build_tracker(cfg, run_dir: Path, is_main: bool) -> Tracker:
