@@ -95,7 +95,9 @@ def run(cfg, run_dir: Path) -> RunResults:
                            tokenizer=tokenizer, engine=engine, cfg=cfg, stage_dir=stage_dir,
                            seed=int(cfg.seed), log=console.print)
         ctx.fit = lambda records, epochs=None, _ctx=ctx: engine.fit(
-            _ctx, method, records, int(epochs or cfg.trainer.epochs), optimizer_factory, description="extra")
+            _ctx, method, records, int(epochs or cfg.trainer.epochs), optimizer_factory, description="extra",
+            on_step=lambda step, _t=_ctx.t: tracker.active and tracker.on_step(step, _t, engine.step_stats,
+                                                                                  method.step_scalars()))
 
         method.before_task(ctx)
         curves.start_stage(t, stage_dir)
