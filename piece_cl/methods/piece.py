@@ -101,6 +101,8 @@ class Piece(Method):
         features = importance_features(ctx.tokenizer, records, imp.get("truncation", "training"), ctx.engine.encode,
                                        imp.get("max_prompt_len"), imp.get("max_answer_len"))
         size = int(imp.chunk_size) if imp.granularity == "sample" else batch_size_for_task(imp.batch_size, ctx.task.name)
+        ctx.log(f"{self.name}: importance on {len(features)} records, per {imp.granularity}"
+                f"{'' if imp.granularity == 'sample' else f' of {size}'}, {imp.get('truncation', 'training')} encoding")
         for start in range(0, len(features), size):
             batch = ctx.engine.batch(features[start : start + size])
             yield {"input_ids": batch["input_ids"], "labels": batch["labels"]}
