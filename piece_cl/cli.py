@@ -78,7 +78,8 @@ def library_versions() -> dict[str, str]:
 # Keys that may change between a run and its resumption.
 VOLATILE = ("resume", "verbose", "logger", "run_dir", "world_size", "distributed", "versions", "overrides",
             "trainer.nproc_per_node", "trainer.master_port", "trainer.nnodes", "trainer.node_rank",
-            "trainer.rdzv_endpoint", "trainer.rdzv_id")
+            "trainer.rdzv_endpoint", "trainer.rdzv_id",
+            "model.paper_name", "method.paper_name", "protocol.name")  # display names (protocol.name: older runs)
 
 
 def _flatten(node, prefix: str = "") -> dict:

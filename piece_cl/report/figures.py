@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 
 from piece_cl.report.masks import EXTRA_MODULES, PAPER_MODULES, Correlation  # noqa: E402
+from piece_cl.report.paper import method_name  # noqa: E402
 
 DPI = 100
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
@@ -32,15 +33,16 @@ def _styles():
                "linestyle": LINESTYLES[index % len(LINESTYLES)]}
 
 
-# One fixed style per method (display names of report/paper.py), so a method looks the same in every
-# figure and all twelve differ by colour AND by marker: ten tab10 colours, then black and gold for PIECE.
+# One fixed style per method (by config name; keyed by its paper name, the label figures print), so a
+# method looks the same in every figure and all twelve differ by colour AND by marker: ten tab10
+# colours, then black and gold for PIECE.
 METHOD_STYLES = {
-    name: {"color": colour, "marker": marker, "linestyle": LINESTYLES[index % len(LINESTYLES)]}
-    for index, (name, colour, marker) in enumerate([
-        ("SeqFT", "tab:blue", "o"), ("EWC", "tab:orange", "s"), ("GEM", "tab:green", "^"),
-        ("LwF", "tab:red", "D"), ("replay", "tab:purple", "v"), ("replay-online", "tab:brown", "P"),
-        ("SeqLoRA", "tab:pink", "X"), ("O-LoRA", "tab:gray", "<"), ("LayerNorm", "tab:olive", ">"),
-        ("MIGU", "tab:cyan", "h"), ("PIECE-F", "black", "*"), ("PIECE-S", "#d4a000", "p"),
+    method_name(key): {"color": colour, "marker": marker, "linestyle": LINESTYLES[index % len(LINESTYLES)]}
+    for index, (key, colour, marker) in enumerate([
+        ("seqft", "tab:blue", "o"), ("ewc", "tab:orange", "s"), ("gem", "tab:green", "^"),
+        ("lwf", "tab:red", "D"), ("replay", "tab:purple", "v"), ("replay_online", "tab:brown", "P"),
+        ("seqlora", "tab:pink", "X"), ("olora", "tab:gray", "<"), ("layernorm", "tab:olive", ">"),
+        ("migu", "tab:cyan", "h"), ("piece_f", "black", "*"), ("piece_s", "#d4a000", "p"),
     ])
 }
 
