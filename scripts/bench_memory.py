@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-SIZES = {  # Llama-shaped, vocab 32000, head_dim 64
+SIZES = {  # Llama-shaped, vocab 32000, head_dim 64 ("9m": the fast check in tests/test_plan.py)
+    "9m": {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2},
     "50m": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6},
     "200m": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 10},
     "400m": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24},
@@ -141,23 +142,37 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES))
     parser.add_argument("--json", action="store_true", help="one JSON line per point (parts included)")
+    parser.add_argument("--from-json", nargs="+", metavar="FILE",
+                        help="re-predict the points measured in earlier --json outputs (after a calibration change)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
         return
-    print(f"{'size':>5} {'params':>7} {'dtype':>9} {'phase':>13} {'measured GB':>11} {'predicted GB':>12} {'pred/meas':>9}")
-    misses = []
+    if args.from_json:
+        points = [json.loads(line) for name in args.from_json for line in Path(name).read_text().splitlines()
+                  if line.startswith("{")]
+        report([{**p, "predicted": predict(p["size"], p["phase"], p["dtype"])["peak"]} for p in points])
+        return
+    points = []
     for size in args.sizes:
         for dtype in args.dtypes:
             for phase in args.phases:
-                point = run_point(size, phase, dtype)
+                points.append(run_point(size, phase, dtype))
                 if args.json:
-                    print(json.dumps(point), flush=True)
-                print(f"{size:>5} {point['params'] / 1e6:>6.0f}M {dtype:>9} {phase:>13} {point['measured'] / 1e9:>11.3f} "
-                      f"{point['predicted'] / 1e9:>12.3f} {point['ratio']:>9.3f}", flush=True)
-                if abs(point["ratio"] - 1) > 0.15:
-                    misses.append(f"{size} {dtype} {phase}: {point['ratio']:.3f}")
+                    print(json.dumps(points[-1]), flush=True)
+    report(points)
+
+
+def report(points: list[dict]) -> None:
+    print(f"{'size':>5} {'params':>7} {'dtype':>9} {'phase':>13} {'measured GB':>11} {'predicted GB':>12} {'pred/meas':>9}")
+    misses = []
+    for point in points:
+        ratio = point["predicted"] / point["measured"]
+        print(f"{point['size']:>5} {point['params'] / 1e6:>6.0f}M {point['dtype']:>9} {point['phase']:>13} "
+              f"{point['measured'] / 1e9:>11.3f} {point['predicted'] / 1e9:>12.3f} {ratio:>9.3f}", flush=True)
+        if abs(ratio - 1) > 0.15:
+            misses.append(f"{point['size']} {point['dtype']} {point['phase']}: {ratio:.3f}")
     print("target |pred/meas - 1| <= 0.15:", "met at every point" if not misses else "MISSED at " + "; ".join(misses))
 
 

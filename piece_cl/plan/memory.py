@@ -84,9 +84,20 @@ def top_k(ratio: float, total: int) -> int:
     return math.floor(Fraction(str(ratio)) * total)
 
 
-def moment_bytes(eligible: int, kind: str, shards: int = 1) -> float:
-    """Importance's fp32 running sums per rank: Σg² (and Σg for S) over its 1/shards of the eligible entries."""
-    return eligible * 4 * (2 if kind == "s" else 1) / shards
+def moment_bytes(eligible: int, world: int = 1, kind: str = "s", accumulate: str = "float32",
+                 sharded: bool = True) -> float:
+    """Importance's running sums one rank holds: Σg² (and Σg for S), its 1/world of the entries when sharded."""
+    owned = -(-eligible // max(1, world)) if sharded else eligible
+    return (2 if kind == "s" else 1) * owned * (2 if accumulate == "bfloat16" else 4)
+
+
+def _largest(batch_size) -> int:
+    """A per-task table of batch sizes (protocol=official_code) or one size: the largest."""
+    values = batch_size.values() if hasattr(batch_size, "values") else [batch_size]
+    return max(int(v) for v in values)
+
+
+_SAVED: dict[int, dict] = {}  # id(meta model) -> (rows, tokens, kind, method) -> saved bytes: re-plans reuse them
 
 
 def sparse_adam_bytes(k: int, weights_fp32: bool) -> float:
@@ -106,7 +117,7 @@ class Planner:
     def __init__(self, cfg, on_gpu: bool = True, model: nn.Module | None = None):
         from piece_cl.plan.shapes import meta_model
 
-        self.cfg = cfg
+        self.cfg, self.on_gpu = cfg, on_gpu  # on_gpu False: predict a CPU process's RSS (scripts/bench_memory.py)
         self.layout = Layout.from_cfg(cfg, on_gpu)
         self.origin = "given model"
         if model is None:
@@ -147,40 +158,50 @@ class Planner:
             return {n for n, _ in eligible_parameters(self.model, exclude=self.exclude)}
         return non_embedding
 
-    def activations(self, rows: int, kind: str) -> dict[str, float]:
-        if kind == "importance":
-            from piece_cl.importance import eligible_parameters
+    def activations(self, rows: int, tokens: int, kind: str) -> dict[str, float]:
+        key = (rows, tokens, kind, self.method)
+        if key not in _SAVED.setdefault(id(self.model), {}):
+            if kind == "importance":
+                from piece_cl.importance import eligible_parameters
 
-            ids = {id(p) for _, p in eligible_parameters(self.model, exclude=self.exclude)}
-            hooked = [m for m in self.model.modules() if any(id(p) in ids for p in m.parameters(recurse=False))]
-            counted = saved_bytes(self.model, rows, self.layout.tokens, None, hooked)
-        else:
-            counted = saved_bytes(self.model, rows, self.layout.tokens, self._trainable_names())
-        return {k: v * calibration.ACTIVATION_FACTOR[kind] for k, v in counted.items()}
+                ids = {id(p) for _, p in eligible_parameters(self.model, exclude=self.exclude)}
+                hooked = [m for m in self.model.modules() if any(id(p) in ids for p in m.parameters(recurse=False))]
+                _SAVED[id(self.model)][key] = saved_bytes(self.model, rows, tokens, None, hooked)
+            else:
+                _SAVED[id(self.model)][key] = saved_bytes(self.model, rows, tokens, self._trainable_names())
+        counted = _SAVED[id(self.model)][key]
+        return {k: v * calibration.activation_factor(kind, self.on_gpu) for k, v in counted.items()}
 
     # -- phases ---------------------------------------------------------------------------------
     def importance(self) -> Phase | None:
         """Before each task (PIECE) or after it (EWC's posterior Fisher)."""
-        method = self.cfg.method
+        method, L = self.cfg.method, self.layout
+        tokens, accumulate = L.tokens, "float32"
         if self.method in IMPORTANCE_METHODS:
             kind, imp = IMPORTANCE_METHODS[self.method], method.importance
-            chunk = int(imp.chunk_size) if imp.granularity == "sample" else int(imp.batch_size)
-            host = str(imp.get("moments_device", "") or "") == "cpu"
-            shards = self.layout.world if imp.get("shard_moments", self.layout.world > 1) else 1
+            chunk = int(imp.chunk_size) if imp.granularity == "sample" else _largest(imp.batch_size)
+            if str(imp.get("truncation", "training")) == "authors":
+                tokens = int(imp.max_prompt_len) + int(imp.max_answer_len)
+            host = str(imp.get("moments_device") or "") == "cpu"
+            sharded = bool(imp.get("shard_moments", True))
+            accumulate = str(imp.get("accumulate", "float32"))
         elif self.method == "ewc" and method.get("fisher_source", "posterior") == "posterior":
-            kind, chunk, host, shards = "fisher", 8, False, self.layout.world if self.layout.world > 1 else 1
+            kind, chunk, sharded = "fisher", L.micro_batch, True
+            host = str(method.get("fisher_device") or "") == "cpu"
         else:
             return None
-        phase = Phase("importance", note=f"chunk {chunk} x {self.layout.tokens} tokens")
-        phase.parts["weights"] = self.counts.total * self.layout.dtype_bytes
-        moments = moment_bytes(self.counts.eligible, kind, shards)
+        phase = Phase("importance", note=f"chunk {chunk} x {tokens} tokens")
+        phase.parts["weights"] = self.counts.total * L.dtype_bytes
+        moments = moment_bytes(self.counts.eligible, L.world, kind, accumulate, sharded)
         (phase.host if host else phase.parts)["moments"] = moments
+        if host or (sharded and L.world > 1):  # one layer's chunk sums wait in the compute dtype
+            phase.parts["layer sums"] = (2 if kind == "s" else 1) * self.counts.largest_linear * 4
         if self.method == "ewc":
             phase.parts.update(self._ewc_state())
-        acts = self.activations(chunk, "importance")
+        acts = self.activations(chunk, tokens, "importance")
         phase.parts["activations"] = acts["saved"]
         phase.parts["transient"] = acts["logits"] + per_sample_buffer(self.counts.largest_linear, chunk)
-        phase.parts["runtime"] = calibration.RUNTIME_BYTES
+        phase.parts["runtime"] = calibration.runtime_bytes("importance", self.on_gpu)
         return phase
 
     def _ewc_state(self) -> dict[str, float]:
@@ -207,10 +228,10 @@ class Planner:
                 phase.parts["reference grads"] = (L.tasks - 1) * trainable * grad_bytes
             if self.method == "lwf":
                 phase.parts["teacher"] = c.total * L.dtype_bytes
-        acts = self.activations(L.micro_batch, "train")
+        acts = self.activations(L.micro_batch, L.tokens, "train")
         phase.parts["activations"] = acts["saved"]
         phase.parts["transient"] = acts["logits"]
-        phase.parts["runtime"] = calibration.RUNTIME_BYTES
+        phase.parts["runtime"] = calibration.runtime_bytes("train", self.on_gpu)
         return phase
 
     def _lora_entries(self) -> int:
@@ -243,10 +264,10 @@ class Planner:
         phase.parts["kv cache"] = L.eval_batch * tokens * c.kv_bytes_per_token * L.dtype_bytes
         text = c.text_config
         phase.parts["prefill"] = (L.eval_batch * L.eval_prompt * 3 * text.intermediate_size * L.dtype_bytes
-                                  * calibration.ACTIVATION_FACTOR["eval"])
+                                  * calibration.activation_factor("eval", self.on_gpu))
         if self.method == "ewc":
             phase.parts.update(self._ewc_state())
-        phase.parts["runtime"] = calibration.RUNTIME_BYTES
+        phase.parts["runtime"] = calibration.runtime_bytes("eval", self.on_gpu)
         return phase
 
     def phases(self) -> list[Phase]:

@@ -90,3 +90,27 @@ def fit_warning(cfg, capacity_gb: float) -> str | None:
                     f"{capacity_gb:.0f} GB (with {HEADROOM:.0%} headroom); would fit: "
                     + ("; ".join(fixes) if fixes else "none of the settings tried (piece-plan shows the parts)"))
     return None
+
+
+def warn_if_unfit(cfg, log) -> None:
+    """Before a run loads its weights: warn (never stop) when the plan says a phase will not fit its GPU.
+
+    Checked when the run will use a GPU (the visible one's memory) or `+plan.device_memory_gb` is given;
+    a CPU run without it is not planned (host memory is not what the plan predicts).
+    """
+    import logging
+
+    from piece_cl.plan.cli import visible_device_gb
+
+    stated = (cfg.get("plan") or {}).get("device_memory_gb")
+    on_gpu = str(cfg.trainer.get("device", "auto")) in ("auto", "cuda")
+    capacity = float(stated) if stated is not None else (visible_device_gb() if on_gpu else None)
+    if capacity is None:
+        return
+    try:
+        warning = fit_warning(cfg, capacity)
+    except Exception as err:  # the plan must never stop a run it cannot model
+        warning = f"memory plan unavailable ({type(err).__name__}: {err}); run piece-plan to see why"
+    if warning:
+        log(warning)
+        logging.getLogger(__name__).warning(warning)
