@@ -41,6 +41,7 @@ class Piece(Method):
         self.masks: dict[str, Tensor] = {}
         self.fully_trained: list[str] = []  # unselected=train only: eligible tensors without selections
         self.optimizer: SparseMaskedAdam | None = None
+        self.importance_work: dict = {}  # what this rank's last estimate did (samples, bytes of sums)
 
     def setup(self, model: nn.Module) -> nn.Module:
         """Refuse a ratio whose k is 0 or more than the eligible entries now, not after loading and probing."""
@@ -54,9 +55,12 @@ class Piece(Method):
         model = ctx.model
         eligible = eligible_parameters(model, exclude=list(self.cfg.exclude))
         imp = self.cfg.importance
+        self.importance_work = {}
         scores = estimate(model, self._importance_batches(ctx), self.kind, xi=self._xi(),
                           granularity=imp.granularity, chunk_size=int(imp.chunk_size), eligible=eligible,
-                          reduction=imp.reduction, xi_on_sums=bool(imp.xi_on_sums))
+                          reduction=imp.reduction, xi_on_sums=bool(imp.xi_on_sums),
+                          shard_moments=bool(imp.get("shard_moments", True)), moments_device=imp.get("moments_device"),
+                          accumulate=str(imp.get("accumulate", "float32")), work=self.importance_work)
         total = sum(p.numel() for p in model.parameters())  # |θ| with embeddings, as the authors counted
         self.masks = select_top_k(scores, float(self.cfg.ratio), total=total)
         del scores
@@ -65,6 +69,9 @@ class Piece(Method):
         empty = [name for name, _ in eligible if name not in self.masks]
         self.fully_trained = empty if self.cfg.unselected == "train" else []
         k = sum(idx.numel() for idx in self.masks.values())
+        work = self.importance_work
+        ctx.log(f"{self.name}: importance on {work['samples_here']} of {work['samples']} samples on this rank "
+                f"(world {work['world']}), {work['moment_bytes'] / 2**20:.1f} MiB of sums held here")
         ctx.log(f"{self.name}: k = {k} of |θ| = {total} (ratio {self.cfg.ratio}); {len(self.masks)} tensors hold "
                 f"selections, {len(empty)} of {len(eligible)} eligible tensors hold none")
         if self.fully_trained:
