@@ -483,12 +483,12 @@ def estimate(
 
 
 def _score(moments: _Moments, kind: str, xi: float, groups: int, xi_on_sums: bool) -> Tensor:
+    """Scores in the sums' own dtype (in bf16, as the authors: Σg² + 1 rounds to 1 below 2⁻⁸), as fp32."""
     scale = 1.0 if (xi_on_sums and kind == "s") else 1.0 / groups
-    acc = torch.promote_types(moments.sq.dtype, torch.float32)  # bf16 sums are scored in fp32
-    second = moments.sq.to(acc).mul_(scale)
+    second = moments.sq.mul_(scale)
     if kind == "fisher":
         return second.float()
-    return moments.total.to(acc).mul_(scale).abs_().div_(second.add_(xi).sqrt_()).float()
+    return moments.total.mul_(scale).abs_().div_(second.add_(xi).sqrt_()).float()
 
 
 def top_k_size(ratio: float, total: int, entries: int) -> int:

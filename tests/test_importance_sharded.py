@@ -154,6 +154,7 @@ def test_bf16_accumulation_halves_the_sums_and_is_only_approximately_fp32():
     assert bf16_work["moment_bytes"] * 2 == fp32_work["moment_bytes"]
     worst = max(float(((bf16[n] - fp32[n]).abs() / fp32[n].abs().max()).max()) for n in fp32)
     assert 0 < worst < 2e-2  # bf16 keeps 8 bits: rounding shows, the ranking's scale does not change
+    assert all(torch.equal(bf16[n].bfloat16().float(), bf16[n]) for n in bf16)  # scored in bf16, as the authors
     with pytest.raises(PieceError, match="accumulate"):
         estimate(model, batches, "s", accumulate="float16")
 
