@@ -6,6 +6,7 @@ same samples; the sums' bytes are counted from the tensors the estimate held (`w
 the figure `importance.moment_bytes` predicts), the RSS from ru_maxrss minus the RSS before the estimate.
 
     .venv/bin/python scripts/bench_importance_sharded.py            # 2 ranks, hidden 512, 4 layers, S and F
+    .venv/bin/python scripts/bench_importance_sharded.py --state-8b # the per-rank state table of docs/cluster.md
 """
 from __future__ import annotations
 
@@ -70,6 +71,43 @@ def _run(world: int, args, out: str) -> list[dict]:
     return [json.loads(Path(f"{out}.{world}.{r}.json").read_text()) for r in range(world)]
 
 
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)  # its config.json
+TRACE_TASKS = 8
+
+
+def state_8b(worlds=(1, 4, 8)) -> None:
+    """What each method keeps beside the weights, per rank, for Llama3-8B (built on the meta device).
+
+    Sharded sums on N > 1 ranks include the transient whole-tensor buffer of the largest layer (lm_head)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA3_8B))
+    total = sum(p.numel() for p in model.parameters())
+    exclude = ["embed_tokens"]  # PIECE's and the other methods' frozen embeddings (configs/method/*.yaml)
+    eligible = eligible_parameters(model, exclude=exclude)
+    n = sum(p.numel() for _, p in eligible)
+    largest = max(p.numel() for _, p in eligible)
+    rows_out = sum(m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    gb = 1e9
+    rows = [
+        ("PIECE-S importance: Σg, Σg² (fp32), sharded", lambda w: moment_bytes(n, w, "s", largest=largest if w > 1 else 0)),
+        ("PIECE-F importance: Σg² (fp32), sharded", lambda w: moment_bytes(n, w, "fisher", largest=largest if w > 1 else 0)),
+        ("EWC while estimating: Σg² (fp32), sharded", lambda w: moment_bytes(n, w, "fisher", largest=largest if w > 1 else 0)),
+        ("EWC state: F and θ* (fisher_dtype fp32), whole", lambda w: 2 * n * 4),
+        (f"GEM at task {TRACE_TASKS}: {TRACE_TASKS - 1} reference gradients (fp32), whole",
+         lambda w: (TRACE_TASKS - 1) * n * 4),
+        ("LwF: the teacher (bf16 copy of the model), whole", lambda w: total * 2),
+        ("MIGU: one fp32 score per Linear output row", lambda w: rows_out * 4),
+    ]
+    print(f"Llama3-8B: {total:,} parameters, {n:,} eligible (embeddings frozen), largest tensor {largest:,}")
+    print("| state | " + " | ".join(f"{w} rank{'s' if w > 1 else ''}" for w in worlds) + " |")
+    print("|---|" + "---|" * len(worlds))
+    for label, size in rows:
+        print(f"| {label} | " + " | ".join(f"{size(w) / gb:.2f} GB" for w in worlds) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world", type=int, default=2)
@@ -81,7 +119,11 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=4)
     parser.add_argument("--ratio", type=float, default=0.001)
     parser.add_argument("--kinds", default="s,fisher")
+    parser.add_argument("--state-8b", action="store_true", help="print the per-rank state table for Llama3-8B")
     args = parser.parse_args()
+    if args.state_8b:
+        state_8b()
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds.split(","):
             args.kind = kind
