@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from piece_cl.errors import PieceError
 from piece_cl.importance import estimate, whole_scores
-from piece_cl.methods.base import Method, StageContext, register_method
+from piece_cl.methods.base import Method, StageContext, StepMeans, register_method
 
 
 def state_dtype(name: str) -> torch.dtype:
@@ -62,6 +62,7 @@ class EWC(Method):
         self.anchor: dict[str, Tensor] = {}
         self.handles: list = []
         self.fisher_work: dict = {}  # what this rank's last Fisher estimate did (samples, bytes of sums)
+        self.tracked = StepMeans()
 
     def penalty(self, model: nn.Module) -> Tensor:
         """λ Σ F (θ − θ*)² over the parameters that carry a Fisher (differentiable in θ)."""
@@ -74,7 +75,14 @@ class EWC(Method):
         return float(self.cfg.lam) * torch.stack(terms).sum()
 
     def loss(self, ctx: StageContext, batch, out) -> Tensor:
-        return out.loss + self.penalty(ctx.model) if self.fisher and self.anchor else out.loss
+        if not (self.fisher and self.anchor):
+            return out.loss
+        penalty = self.penalty(ctx.model)
+        self.tracked.add(ctx.engine.global_step, "ewc_penalty", penalty)
+        return out.loss + penalty
+
+    def step_scalars(self) -> dict[str, float]:
+        return self.tracked.means()
 
     def before_task(self, ctx: StageContext) -> None:
         """`fisher_source: training`: a gradient hook per trainable tensor adds g² / micro-batches per epoch."""
