@@ -319,3 +319,20 @@ def test_killed_and_resumed_run_logs_every_step_once(tracked, tmp_path, kill_at)
         assert [e.value for e in acc.Scalars(tag)] == [e.value for e in reference.Scalars(tag)], tag
     for tag in ("stage/OP", "R/tiny_choice", "stage/probe_base", "final/OP"):
         assert steps(acc, tag) == steps(reference, tag), tag
+
+
+@pytest.mark.distributed
+def test_two_ranks_write_one_event_file_with_every_step(tmp_path):
+    """trainer=deepspeed on 2 gloo ranks: rank 0 alone logs, with DeepSpeed's pre-clipping gradient norm."""
+    run_dir = tmp_path / "ds"
+    proc = piece_run(run_dir, "trainer=deepspeed", "trainer.nproc_per_node=2", "eval.probe_before=false",
+                     "benchmark.train_size=16", "model.batch_size=8", "trainer.micro_batch_size=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1
+    acc = read_events(run_dir / "tb")
+    n = total_steps(run_dir)
+    for tag in ("train/loss", "train/grad_norm", "train/samples_per_s", "heldout_loss/tiny_choice"):
+        assert steps(acc, tag) == list(range(1, n + 1)), tag
+    assert all(e.value > 0 for e in acc.Scalars("train/grad_norm"))
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [e.value for e in acc.Scalars("stage/OP")] == pytest.approx(results["OP"], abs=1e-4)
