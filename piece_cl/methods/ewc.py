@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from piece_cl.errors import PieceError
-from piece_cl.importance import estimate
-from piece_cl.methods.base import Method, StageContext, register_method
+from piece_cl.importance import estimate, whole_scores
+from piece_cl.methods.base import Method, StageContext, StepMeans, register_method
 
 
 def state_dtype(name: str) -> torch.dtype:
@@ -61,6 +61,8 @@ class EWC(Method):
         self.fisher: dict[str, Tensor] = {}
         self.anchor: dict[str, Tensor] = {}
         self.handles: list = []
+        self.fisher_work: dict = {}  # what this rank's last Fisher estimate did (samples, bytes of sums)
+        self.tracked = StepMeans()
 
     def penalty(self, model: nn.Module) -> Tensor:
         """λ Σ F (θ − θ*)² over the parameters that carry a Fisher (differentiable in θ)."""
@@ -73,7 +75,14 @@ class EWC(Method):
         return float(self.cfg.lam) * torch.stack(terms).sum()
 
     def loss(self, ctx: StageContext, batch, out) -> Tensor:
-        return out.loss + self.penalty(ctx.model) if self.fisher and self.anchor else out.loss
+        if not (self.fisher and self.anchor):
+            return out.loss
+        penalty = self.penalty(ctx.model)
+        self.tracked.add(ctx.engine.global_step, "ewc_penalty", penalty)
+        return out.loss + penalty
+
+    def step_scalars(self) -> dict[str, float]:
+        return self.tracked.means()
 
     def before_task(self, ctx: StageContext) -> None:
         """`fisher_source: training`: a gradient hook per trainable tensor adds g² / micro-batches per epoch."""
@@ -109,7 +118,10 @@ class EWC(Method):
         features = ctx.engine.encode(records)
         size = ctx.engine.micro_batch_size
         batches = (ctx.engine.batch(features[i : i + size]) for i in range(0, len(features), size))
-        fisher = estimate(ctx.model, batches, kind="fisher", eligible=self.trainable(ctx.model), chunk_size=size)
+        # Data parallel over the ranks, sums sharded while estimating; the penalty needs F whole on every rank.
+        fisher = whole_scores(estimate(ctx.model, batches, kind="fisher", eligible=self.trainable(ctx.model),
+                                       chunk_size=size, moments_device=self.cfg.get("fisher_device"),
+                                       work=self.fisher_work))
         dtype = state_dtype(self.cfg.get("fisher_dtype", "float32"))
         params = dict(ctx.model.named_parameters())
         for name, value in fisher.items():
