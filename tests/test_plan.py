@@ -13,7 +13,7 @@ import pytest
 
 from piece_cl.cli import config_options
 from piece_cl.plan.cli import compose, main as plan_main
-from piece_cl.plan.memory import GB, Planner, moment_bytes, sparse_adam_bytes
+from piece_cl.plan.memory import Planner, sparse_adam_bytes
 from piece_cl.plan.report import fit_warning, warn_if_unfit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,11 +39,13 @@ def test_every_model_config_plans_three_phases(model):
 def test_sharded_host_and_deepspeed_layouts_change_the_right_parts():
     base = ["model=llama3_8b", "method=piece_s", "trainer=deepspeed", "trainer.micro_batch_size=1"]
     one = Planner(compose(base)).importance()
-    four = Planner(compose(base + ["trainer.nproc_per_node=4", "+method.importance.shard_moments=true"])).importance()
-    host = Planner(compose(base + ["+method.importance.moments_device=cpu"])).importance()
+    four = Planner(compose(base + ["trainer.nproc_per_node=4"])).importance()  # shard_moments: true by default
+    host = Planner(compose(base + ["method.importance.moments_device=cpu"])).importance()
+    unsharded = Planner(compose(base + ["trainer.nproc_per_node=4", "method.importance.shard_moments=false"]))
+    assert unsharded.importance().parts["moments"] == one.parts["moments"]
     assert four.parts["moments"] == pytest.approx(one.parts["moments"] / 4, rel=1e-6)
     assert "moments" not in host.parts and host.host["moments"] == one.parts["moments"]
-    assert moment_bytes(10, 1, "fisher") == 40 and moment_bytes(10, 2, "s", "bfloat16") == 20
+    assert four.parts["layer sums"] == 2 * 4 * Planner(compose(base)).counts.largest_linear  # Σg, Σg² of lm_head
     seqft = Planner(compose(["model=llama3_8b", "method=seqft", "trainer=deepspeed", "trainer.nproc_per_node=4",
                              "trainer.micro_batch_size=1"])).training()
     n = Planner(compose(["model=llama3_8b", "method=seqft"])).counts.non_embedding

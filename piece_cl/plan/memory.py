@@ -15,6 +15,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
+from piece_cl.importance import moment_bytes
 from piece_cl.plan import calibration
 from piece_cl.plan.activations import saved_bytes
 from piece_cl.plan.shapes import Counts, count
@@ -82,13 +83,6 @@ def _dtype(name: str) -> torch.dtype:
 def top_k(ratio: float, total: int) -> int:
     """k = floor(ratio × |θ|), as importance.top_k_size computes it."""
     return math.floor(Fraction(str(ratio)) * total)
-
-
-def moment_bytes(eligible: int, world: int = 1, kind: str = "s", accumulate: str = "float32",
-                 sharded: bool = True) -> float:
-    """Importance's running sums one rank holds: Σg² (and Σg for S), its 1/world of the entries when sharded."""
-    owned = -(-eligible // max(1, world)) if sharded else eligible
-    return (2 if kind == "s" else 1) * owned * (2 if accumulate == "bfloat16" else 4)
 
 
 def _largest(batch_size) -> int:
@@ -195,7 +189,7 @@ class Planner:
         moments = moment_bytes(self.counts.eligible, L.world, kind, accumulate, sharded)
         (phase.host if host else phase.parts)["moments"] = moments
         if host or (sharded and L.world > 1):  # one layer's chunk sums wait in the compute dtype
-            phase.parts["layer sums"] = (2 if kind == "s" else 1) * self.counts.largest_linear * 4
+            phase.parts["layer sums"] = moment_bytes(0, 1, kind, accumulate, largest=self.counts.largest_linear)
         if self.method == "ewc":
             phase.parts.update(self._ewc_state())
         acts = self.activations(chunk, tokens, "importance")
