@@ -1,7 +1,8 @@
 """The method contract and its registry (mammoth/avalanche style: one small file per method).
 
 A method only sees hooks of the loop; it never knows whether a plain-torch or a DeepSpeed engine
-runs it. Gradient edits go through `ctx.engine.get_grad/set_grad`, masks through gradient hooks.
+runs it, and uses only what `training.engine.Engine` declares: gradient edits go through
+`ctx.engine.get_grad/set_grad`, masks and per-micro-batch observers through `ctx.engine.hook_grad`.
 """
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from piece_cl.errors import PieceError
+
+if TYPE_CHECKING:
+    from piece_cl.training.engine import Engine
 
 # Every method the paper compares, mapped to the module that implements it. A module that is missing
 # or broken is reported only when its method is chosen.
@@ -71,7 +75,7 @@ class StageContext:
     tasks_seen: list
     model: nn.Module
     tokenizer: Any
-    engine: Any  # training.engine.Engine
+    engine: "Engine"
     cfg: Any  # the whole run config
     stage_dir: Path
     seed: int

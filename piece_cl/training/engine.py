@@ -1,13 +1,16 @@
-"""The training engine: one interface, a plain-torch backend here (DeepSpeed slots in beside it).
+"""The training engine: the contract methods see (`Engine`), and its plain-torch backend.
 
 The engine owns batching, accumulation, clipping and the optimiser step; methods hook in through the
-contract in methods/base.py and read or write gradients only through `get_grad` / `set_grad`.
+contract in methods/base.py and touch the engine only through the members `Engine` declares. Gradients a
+method sees (`get_grad`, `hook_grad`) are true one-process gradients: how a backend scales losses before
+reducing them (DeepSpeed's ranks) stays inside the backend. The DeepSpeed backend (deepspeed_engine.py)
+subclasses `TorchEngine`; training/build.py picks one, so neither backend imports the other.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -18,6 +21,44 @@ from piece_cl.errors import PieceError
 from piece_cl.faults import maybe_kill
 from piece_cl.progress import progress
 from piece_cl.training.epoch_state import EpochState, load_epoch_state, save_epoch_state
+
+
+GradFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Everything a method may use of the engine (tests/test_engine_contract.py greps methods/ for it)."""
+
+    micro_batch_size: int
+    world_size: int
+    is_main: bool  # one rank writes a stage's files (masks)
+
+    def encode(self, records: list[dict]) -> list[dict]:
+        """Records tokenised exactly as training sees them."""
+
+    def batch(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        """Features collated and moved to the training device."""
+
+    def get_grad(self, name: str, param: nn.Parameter) -> torch.Tensor | None:
+        """The reduced gradient of `param` for this step (inside `after_backward`)."""
+
+    def set_grad(self, name: str, param: nn.Parameter, value: torch.Tensor) -> None:
+        """Replace the reduced gradient of `param` for this step (inside `after_backward`)."""
+
+    def hook_grad(self, param: nn.Parameter, fn: GradFn):
+        """Call `fn(grad)` on each micro-batch gradient of `param` as backward forms it, before any reduction;
+        a tensor `fn` returns replaces that gradient. Returns a handle with `.remove()`."""
+
+    def average_across_ranks(self, tensor: torch.Tensor) -> None:
+        """In place: the mean of `tensor` over the ranks (one process: itself)."""
+
+
+def check_finite(loss: torch.Tensor, ctx, step: int) -> None:
+    """A non-finite loss stops the stage (earlier stages stay committed)."""
+    if not torch.isfinite(loss):
+        raise PieceError(f"non-finite loss ({float(loss.detach())}) in task '{ctx.task.name}' at step {step}; "
+                         "stage stopped, earlier stages are kept (lower the learning rate?)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,9 +87,10 @@ class TorchEngine:
             if is_multimodal(tokenizer) else None
 
     # -- gradients, engine-agnostic -------------------------------------------------------------
-    # What a gradient seen during this process's backward is, relative to the one-process gradient of the
+    # What a gradient formed during this process's backward is, relative to the one-process gradient of the
     # same micro-batch (DeepSpeed's ranks scale their losses by the world size before it averages them).
-    grad_scale = 1.0
+    # Private: `hook_grad` hands methods the true gradient.
+    _grad_scale = 1.0
 
     def average_across_ranks(self, tensor: torch.Tensor) -> None:
         """In place: the mean of `tensor` over the ranks (one process: itself)."""
@@ -61,6 +103,15 @@ class TorchEngine:
 
     def set_grad(self, name: str, param: nn.Parameter, value: torch.Tensor) -> None:
         param.grad = value.to(param.dtype).reshape(param.shape)
+
+    def hook_grad(self, param: nn.Parameter, fn: GradFn):
+        def hook(grad: torch.Tensor):
+            scale = self._grad_scale  # read per call: it depends on the fit (wrapped or not)
+            if scale == 1.0:
+                return fn(grad)
+            out = fn(grad / scale)
+            return None if out is None else out * scale
+        return param.register_hook(hook)
 
     # -- data -----------------------------------------------------------------------------------
     def encode(self, records: list[dict]) -> list[dict]:
@@ -149,11 +200,14 @@ class TorchEngine:
             batch = self.batch(micro)
             out = self.model(**batch)
             loss = method.loss(ctx, batch, out)
-            if not torch.isfinite(loss):
-                raise PieceError(f"non-finite loss ({float(loss.detach())}) in task '{ctx.task.name}' at step {self.global_step}; "
-                                 "stage stopped, earlier stages are kept (lower the learning rate?)")
+            check_finite(loss, ctx, self.global_step)
             (loss * (len(micro) / len(chunk))).backward()
             total += float(loss.detach()) * len(micro) / len(chunk)
+        self._step_tail(ctx, method, optimizer, params)
+        return total
+
+    def _step_tail(self, ctx, method, optimizer, params) -> None:
+        """Gradients reduced: the method's surgery, clipping to trainer.grad_clip, the step (both backends)."""
         method.after_backward(ctx)
         clip = float(self.cfg.grad_clip or 0)
         if clip > 0:
@@ -163,15 +217,4 @@ class TorchEngine:
                 torch.nn.utils.clip_grad_norm_([p for _, p in params if p.grad is not None], clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return total
 
-
-def build_engine(cfg, model: nn.Module, tokenizer):
-    engine = cfg.trainer.engine
-    if engine == "torch":
-        return TorchEngine(cfg.trainer, model, tokenizer)
-    if engine == "deepspeed":
-        from piece_cl.training.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(cfg.trainer, model, tokenizer)
-    raise PieceError(f"unknown trainer.engine '{engine}'; known: torch, deepspeed")
