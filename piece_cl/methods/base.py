@@ -7,7 +7,6 @@ runs it, and uses only what `training.engine.Engine` declares: gradient edits go
 from __future__ import annotations
 
 import importlib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from piece_cl.errors import PieceError
+from piece_cl.scope import out_of_scope
 
 if TYPE_CHECKING:
     from piece_cl.training.engine import Engine
@@ -30,8 +30,6 @@ METHOD_MODULES: dict[str, str] = {
     )
 }
 _REGISTRY: dict[str, type["Method"]] = {}
-
-EMBEDDING_PATTERN = re.compile(r"(embed_tokens|wte|wpe|embed_positions|word_embeddings)\.")
 
 
 def register_method(cls: type["Method"]) -> type["Method"]:
@@ -84,7 +82,7 @@ class StageContext:
 
 
 class Method:
-    """Default behaviour = sequential fine-tuning of every non-embedding parameter."""
+    """Default behaviour = sequential fine-tuning of every parameter in scope (piece_cl/scope.py)."""
 
     name: ClassVar[str] = "base"
     # Why the method cannot run under ZeRO-3 (None: it can). ZeRO-3 holds only a shard of each parameter
@@ -115,11 +113,11 @@ class Method:
 
     # -- once ---------------------------------------------------------------------------------
     def setup(self, model: nn.Module) -> nn.Module:
-        """Freeze embeddings (as the authors' runs did); wrap the model if the method needs to."""
-        if self.cfg.get("freeze_embeddings", True):
-            for name, param in model.named_parameters():
-                if EMBEDDING_PATTERN.search(name + "."):
-                    param.requires_grad_(False)
+        """Freeze what is out of scope (piece_cl/scope.py: embeddings, a vision tower and its projector unless
+        the method's config takes them back); wrap the model if the method needs to."""
+        for name, param in model.named_parameters():
+            if out_of_scope(name, self.cfg):
+                param.requires_grad_(False)
         return model
 
     # -- per task -----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from piece_cl.io import atomic_save_safetensors
 from piece_cl.importance import select_top_k
 from piece_cl.methods.base import Method, StageContext, register_method
 from piece_cl.methods.ewc import sample_records
+from piece_cl.scope import exclude_patterns
 
 FULLY_TRAINED_IN_CODE = re.compile(r"(^|\.)(down_proj|lm_head)\.weight$|(^|\.)norm\.weight$")
 
@@ -67,8 +68,8 @@ class MIGU(Method):
         self.masked: set[str] = set()
 
     def setup(self, model: nn.Module) -> nn.Module:
-        model = super().setup(model)
-        exclude = [re.compile(p) for p in self.cfg.get("exclude", [])]
+        model = super().setup(model)  # freezes what is out of scope
+        exclude = [re.compile(p) for p in exclude_patterns(self.cfg)]
         self.eligible = [n for n, p in model.named_parameters()
                          if p.requires_grad and not any(x.search(n) for x in exclude)]
         return model
