@@ -143,6 +143,10 @@ class Method:
     def after_backward(self, ctx: StageContext) -> None:
         """Gradient surgery (GEM) through `ctx.engine.get_grad/set_grad`."""
 
+    def after_epoch(self, ctx: StageContext, epoch: int) -> None:
+        """After each epoch of a fit (0-based `epoch`): Replay's pass over its buffer (protocol=official_code).
+        A `ctx.fit` here trains with the running fit's optimiser."""
+
     def after_task(self, ctx: StageContext) -> None:
         """Fisher (EWC), memories (GEM, Replay), adapter bookkeeping (O-LoRA)."""
 

@@ -154,11 +154,14 @@ class DeepSpeedEngine(TorchEngine):
     def fit(self, ctx, method, records, epochs, optimizer_factory, on_step=None, description="train",
             epoch_dir=None) -> dict:
         """The torch engine's fit; epoch states (`epoch_dir`) only for optimisers outside ZeRO, whose state
-        every rank holds whole (Method.check_trainer refuses the others in the parent)."""
+        every rank holds whole (Method.check_trainer refuses the others in the parent). A fit nested in an
+        epoch event keeps the open fit's wrapper."""
+        nested = self._open is not None
         try:
             return super().fit(ctx, method, records, epochs, optimizer_factory, on_step, description, epoch_dir)
         finally:
-            self._release()
+            if not nested:
+                self._release()
 
     def prepare(self, optimizer) -> None:
         """Wrap the model for this fit's client optimiser (the torch engine's `fit` builds it)."""

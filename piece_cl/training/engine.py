@@ -82,6 +82,7 @@ class TorchEngine:
         self.batch_size = int(trainer_cfg.batch_size)
         self.micro_batch_size = min(int(trainer_cfg.micro_batch_size), self.batch_size)
         self.global_step = 0
+        self._open: _OpenFit | None = None  # the fit in progress (its optimiser serves fits nested in its events)
         # multimodal models get a processor: images and prompts go through it (data/multimodal.py)
         self.multimodal_collator = MultimodalCollator(tokenizer, int(trainer_cfg.max_answer_len)) \
             if is_multimodal(tokenizer) else None
@@ -148,11 +149,15 @@ class TorchEngine:
             epoch_dir: Path | None = None) -> dict:
         """Train `records` for `epochs` epochs; returns loss statistics of the stage.
 
-        With `epoch_dir` the state after every epoch is kept there (training/epoch_state.py), and a fit
-        that finds one continues after its last finished epoch.
+        After each epoch the method's `after_epoch(ctx, epoch)` runs; a fit it starts (Replay's `ctx.fit`)
+        trains with this fit's optimiser, as one process trained by the authors' scripts did (`_fit_within`).
+        With `epoch_dir` the state after every epoch (its event included) is kept there
+        (training/epoch_state.py), and a fit that finds one continues after its last finished epoch.
         """
         if not records:
             raise PieceError(f"task '{ctx.task.name}': nothing to train on")
+        if self._open is not None:
+            return self._fit_within(ctx, method, records, epochs)
         features = self.encode(records)
         params = method.trainable(self.model)
         optimizer = method.build_optimizer(ctx, params, optimizer_factory)
@@ -165,6 +170,15 @@ class TorchEngine:
             self.global_step = done.global_step
             ctx.log(f"task '{ctx.task.name}': continuing after epoch {done.epochs_done}/{epochs}")
         self.model.train()
+        self._open = _OpenFit(optimizer, params)
+        try:
+            return self._epochs(ctx, method, features, epochs, optimizer, params, generator, done, losses,
+                                steps_per_epoch, on_step, description, epoch_dir)
+        finally:
+            self._open = None
+
+    def _epochs(self, ctx, method, features, epochs, optimizer, params, generator, done, losses, steps_per_epoch,
+                on_step, description, epoch_dir) -> dict:
         with progress() as bar:
             job = bar.add_task(f"{description} {ctx.task.name}", total=epochs * steps_per_epoch,
                                completed=len(losses), info="")
@@ -181,12 +195,33 @@ class TorchEngine:
                     bar.update(job, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {loss:.3f}")
                     if on_step is not None:
                         on_step(self.global_step)
+                self._open.epoch = epoch
+                method.after_epoch(ctx, epoch)
                 if epoch_dir is not None:
                     if self.is_main:
                         save_epoch_state(epoch_dir, EpochState(epoch + 1, losses, self.global_step), method, params,
                                          optimizer, finished=epoch + 1 == epochs)
                     self.barrier()  # no rank goes on (or is killed) before the epoch state is complete
                     maybe_kill("epoch", ctx.t)
+        return {"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
+                "mean_last_epoch_loss": sum(losses[-steps_per_epoch:]) / steps_per_epoch}
+
+    def _fit_within(self, ctx, method, records: list[dict], epochs: int) -> dict:
+        """`records` trained inside the open fit (from its `after_epoch`): its optimiser, its trainable set.
+
+        The order is drawn from (seed, task, epoch), never from the open fit's generator, so a fit resumed
+        after epoch e draws the same orders as the uninterrupted one.
+        """
+        features, open_fit = self.encode(records), self._open
+        generator = torch.Generator().manual_seed((ctx.seed * 1000 + ctx.t) * 1000 + open_fit.epoch + 1)
+        steps_per_epoch = math.ceil(len(features) / self.batch_size)
+        losses: list[float] = []
+        for _ in range(epochs):
+            order = torch.randperm(len(features), generator=generator).tolist() if self.cfg.shuffle else list(range(len(features)))
+            for step in range(steps_per_epoch):
+                chunk = [features[i] for i in order[step * self.batch_size : (step + 1) * self.batch_size]]
+                losses.append(self._step(ctx, method, open_fit.optimizer, open_fit.params, chunk))
+                self.global_step += 1
         return {"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
                 "mean_last_epoch_loss": sum(losses[-steps_per_epoch:]) / steps_per_epoch}
 
@@ -218,3 +253,9 @@ class TorchEngine:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+
+class _OpenFit:
+    """The optimiser and trainable set of the fit in progress, and the epoch whose event is running."""
+
+    def __init__(self, optimizer, params):
+        self.optimizer, self.params, self.epoch = optimizer, params, -1
