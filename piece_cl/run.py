@@ -30,6 +30,7 @@ from piece_cl.methods.base import StageContext, build_method
 from piece_cl.models.loading import check_available, load_model
 from piece_cl.progress import console
 from piece_cl.results import RunResults, load_results
+from piece_cl.tracking import build_tracker
 from piece_cl.training.build import build_engine
 from piece_cl.training.loss_curves import LossCurves
 
@@ -63,13 +64,16 @@ def evaluate_stage(model, tokenizer, seen_tasks, probe, eval_cfg, t: int):
 
 
 def stage_context(cfg, t: int, tasks: list, engine, method, optimizer_factory, stage_dir: Path,
-                  log: Callable[[str], None] = console.print) -> StageContext:
-    """Stage t's context; `ctx.fit(records, epochs=None)` trains extra records with the same engine (Replay)."""
+                  log: Callable[[str], None] = console.print,
+                  on_extra_step: Callable[[int], None] | None = None) -> StageContext:
+    """Stage t's context; `ctx.fit(records, epochs=None)` trains extra records with the same engine (Replay),
+    calling `on_extra_step(global_step)` after each of its steps (tracking)."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(t=t, task=tasks[t], tasks_seen=tasks[: t + 1], model=engine.model, tokenizer=engine.tokenizer,
                        engine=engine, cfg=cfg, stage_dir=stage_dir, seed=int(cfg.seed), log=log)
     ctx.fit = lambda records, epochs=None: engine.fit(
-        ctx, method, records, int(epochs or cfg.trainer.epochs), optimizer_factory, description="extra")
+        ctx, method, records, int(epochs or cfg.trainer.epochs), optimizer_factory, description="extra",
+        on_step=on_extra_step)
     return ctx
 
 
@@ -92,8 +96,9 @@ def train_stage(ctx: StageContext, method, optimizer_factory, *, on_step: Callab
     return stats
 
 
-def commit_stage(ctx: StageContext, method, results: RunResults, probe, stats: dict, run_dir: Path):
-    """Evaluate row t and the probe, write the stage's files, then commit it in results.json (rank 0 writes).
+def commit_stage(ctx: StageContext, method, results: RunResults, probe, stats: dict, run_dir: Path, tracker=None):
+    """Evaluate row t and the probe, write the stage's files, then commit it in results.json (rank 0 writes);
+    the `tracker` (piece_cl/tracking) logs the stage just before the commit.
 
     Every rank trained the same stage and holds the gathered evaluation (the model is whole between fits).
     Returns (row, probe score).
@@ -112,6 +117,8 @@ def commit_stage(ctx: StageContext, method, results: RunResults, probe, stats: d
         save_stage_state(run_dir, t, engine.model, method, engine)
     maybe_kill("commit", t)
     results.add_stage(row, probe_score)
+    if tracker is not None:
+        tracker.on_stage(t, engine.global_step, results, method.stage_scalars())  # flushed before the commit
     if engine.is_main:
         results.save(run_dir)  # the commit: results.json names the stages that are complete
         prune_checkpoints(run_dir, keep=t)
@@ -142,6 +149,7 @@ def run(cfg, run_dir: Path) -> RunResults:
         results.probe_base, _ = probe.evaluate(engine.model, tokenizer, cfg.eval, Shard.current())
         console.print(f"base model: {probe.name} = {results.probe_base:.2f}")
 
+    tracker = build_tracker(cfg, run_dir, engine.is_main)  # rank 0 only; never changes what is computed
     curves = LossCurves(engine, benchmark.tasks, every=int(cfg.trainer.loss_curve_every),
                         samples=int(cfg.trainer.loss_curve_samples))
     for t, task in enumerate(benchmark.tasks):
@@ -149,17 +157,21 @@ def run(cfg, run_dir: Path) -> RunResults:
             continue
         seed_everything(int(cfg.seed) + t)  # each stage's random streams depend only on (seed, t): resumable
         ctx = stage_context(cfg, t, benchmark.tasks, engine, method, optimizer_factory,
-                            run_dir / f"stage_{t}_{task.name}")
+                            run_dir / f"stage_{t}_{task.name}",
+                            on_extra_step=lambda step, _t=t: tracker.active and tracker.on_step(
+                                step, _t, engine.step_stats, method.step_scalars()))
         curves.start_stage(t, ctx.stage_dir)
 
         def on_step(step: int, _t=t) -> None:
-            curves.on_step(step)
+            heldout = curves.on_step(step)
+            if tracker.active:
+                tracker.on_step(step, _t, engine.step_stats, method.step_scalars(), heldout)
             maybe_kill("step", _t)
 
         stats = train_stage(ctx, method, optimizer_factory, on_step=on_step,
                             description=f"task {t + 1}/{len(benchmark.tasks)}",
                             epoch_dir=epoch_checkpoint(run_dir, t) if cfg.trainer.epoch_checkpoints else None)
-        row, probe_score = commit_stage(ctx, method, results, probe, stats, run_dir)
+        row, probe_score = commit_stage(ctx, method, results, probe, stats, run_dir, tracker)
         summary = results.to_dict()
         console.print(f"stage {t + 1}/{len(benchmark.tasks)} {task.name}: score {row[-1]:.2f}  "
                       f"OP {summary['OP'][-1]:.2f}  BWT {summary['BWT'][-1]:.2f}"
@@ -168,4 +180,6 @@ def run(cfg, run_dir: Path) -> RunResults:
 
     if not results.finished:
         raise PieceError("the run ended before its last stage")
+    tracker.on_end(results, cfg, engine.global_step)
+    tracker.close()
     return results

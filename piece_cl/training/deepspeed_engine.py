@@ -209,6 +209,7 @@ class DeepSpeedEngine(TorchEngine):
         if self._wrapped is not None:
             method.after_backward(ctx)  # between the reduction and the step: full grads via safe accessors
             self._wrapped.step()  # clips to trainer.grad_clip, steps, zeroes
+            self.grad_norm = self._wrapped.get_global_grad_norm()  # before clipping (tracking only)
         else:
             self._reduce_self_managed(optimizer, params)
             self._step_tail(ctx, method, optimizer, params)

@@ -9,6 +9,7 @@ subclasses `TorchEngine`; training/build.py picks one, so neither backend import
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
@@ -33,6 +34,7 @@ class Engine(Protocol):
     micro_batch_size: int
     world_size: int
     is_main: bool  # one rank writes a stage's files (masks)
+    global_step: int  # optimiser steps so far in the run (read only: tracked scalars are keyed by it)
 
     def encode(self, records: list[dict]) -> list[dict]:
         """Records tokenised exactly as training sees them."""
@@ -83,6 +85,8 @@ class TorchEngine:
         self.micro_batch_size = min(int(trainer_cfg.micro_batch_size), self.batch_size)
         self.global_step = 0
         self._open: _OpenFit | None = None  # the fit in progress (its optimiser serves fits nested in its events)
+        self.step_stats: dict = {}  # the last optimiser step, for tracking (piece_cl/tracking); never read back
+        self.grad_norm = None
         # multimodal models get a processor: images and prompts go through it (data/multimodal.py)
         self.multimodal_collator = MultimodalCollator(tokenizer, int(trainer_cfg.max_answer_len)) \
             if is_multimodal(tokenizer) else None
@@ -157,7 +161,7 @@ class TorchEngine:
         if not records:
             raise PieceError(f"task '{ctx.task.name}': nothing to train on")
         if self._open is not None:
-            return self._fit_within(ctx, method, records, epochs)
+            return self._fit_within(ctx, method, records, epochs, on_step)
         features = self.encode(records)
         params = method.trainable(self.model)
         optimizer = method.build_optimizer(ctx, params, optimizer_factory)
@@ -189,7 +193,11 @@ class TorchEngine:
                     continue
                 for step in range(steps_per_epoch):
                     chunk = [features[i] for i in order[step * self.batch_size : (step + 1) * self.batch_size]]
+                    started = time.perf_counter()
                     loss = self._step(ctx, method, optimizer, params, chunk)
+                    self.step_stats = {"loss": loss, "lr": learning_rate(optimizer), "grad_norm": self.grad_norm,
+                                       "samples_per_s": len(chunk) / max(time.perf_counter() - started, 1e-9),
+                                       "epoch": epoch + 1}
                     losses.append(loss)
                     self.global_step += 1
                     bar.update(job, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {loss:.3f}")
@@ -206,7 +214,7 @@ class TorchEngine:
         return {"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
                 "mean_last_epoch_loss": sum(losses[-steps_per_epoch:]) / steps_per_epoch}
 
-    def _fit_within(self, ctx, method, records: list[dict], epochs: int) -> dict:
+    def _fit_within(self, ctx, method, records: list[dict], epochs: int, on_step=None) -> dict:
         """`records` trained inside the open fit (from its `after_epoch`): its optimiser, its trainable set.
 
         The order is drawn from (seed, task, epoch), never from the open fit's generator, so a fit resumed
@@ -220,8 +228,14 @@ class TorchEngine:
             order = torch.randperm(len(features), generator=generator).tolist() if self.cfg.shuffle else list(range(len(features)))
             for step in range(steps_per_epoch):
                 chunk = [features[i] for i in order[step * self.batch_size : (step + 1) * self.batch_size]]
+                started = time.perf_counter()
                 losses.append(self._step(ctx, method, open_fit.optimizer, open_fit.params, chunk))
+                self.step_stats = {"loss": losses[-1], "lr": learning_rate(open_fit.optimizer), "grad_norm": self.grad_norm,
+                                   "samples_per_s": len(chunk) / max(time.perf_counter() - started, 1e-9),
+                                   "epoch": open_fit.epoch + 1}
                 self.global_step += 1
+                if on_step is not None:
+                    on_step(self.global_step)
         return {"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
                 "mean_last_epoch_loss": sum(losses[-steps_per_epoch:]) / steps_per_epoch}
 
@@ -244,14 +258,30 @@ class TorchEngine:
     def _step_tail(self, ctx, method, optimizer, params) -> None:
         """Gradients reduced: the method's surgery, clipping to trainer.grad_clip, the step (both backends)."""
         method.after_backward(ctx)
-        clip = float(self.cfg.grad_clip or 0)
-        if clip > 0:
-            if hasattr(optimizer, "clip_grad_norm_"):
-                optimizer.clip_grad_norm_(clip)  # optimisers that keep their own (sparse) gradients
-            else:
-                torch.nn.utils.clip_grad_norm_([p for _, p in params if p.grad is not None], clip)
+        self.grad_norm = clip_gradients(optimizer, params, float(self.cfg.grad_clip or 0))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+
+def clip_gradients(optimizer, params, clip: float) -> torch.Tensor:
+    """Clip to `clip` (0: no clipping) and return the norm before clipping (tracked as train/grad_norm).
+
+    Without clipping the threshold is infinite: the scale is exactly 1, so the gradients are unchanged.
+    """
+    limit = clip if clip > 0 else math.inf
+    if hasattr(optimizer, "clip_grad_norm_"):
+        return optimizer.clip_grad_norm_(limit)  # optimisers that keep their own (sparse) gradients
+    grads = [p for _, p in params if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(grads, limit) if grads else torch.zeros(())
+
+
+def learning_rate(optimizer) -> float | None:
+    """The optimiser's current learning rate (first parameter group; PIECE's sparse Adam: its setting)."""
+    groups = getattr(optimizer, "param_groups", None)
+    if groups:
+        return float(groups[0]["lr"])
+    settings = getattr(optimizer, "settings", None)
+    return float(settings.lr) if settings is not None else None
 
 
 class _OpenFit:
