@@ -35,18 +35,12 @@ from torch.func import functional_call, grad, vmap
 
 from piece_cl.errors import PieceError
 from piece_cl.evaluation.sharding import Shard
+from piece_cl.scope import exclude_patterns
 
 # Regular expressions searched in parameter names. Embeddings are excluded as in the authors' code;
 # lm_head stays eligible when untied (a tied lm_head shares the embedding's name and is excluded with it);
 # vision towers of multimodal models are excluded.
-DEFAULT_EXCLUDE: tuple[str, ...] = (
-    r"(^|\.)embed_tokens\.",
-    r"(^|\.)embed_positions\.",
-    r"(^|\.)(wte|wpe)\.",
-    r"(^|\.)vision_tower\.",
-    r"(^|\.)vision_model\.",
-    r"(^|\.)visual\.blocks\.",
-)
+DEFAULT_EXCLUDE: tuple[str, ...] = exclude_patterns()  # piece_cl/scope.py: embeddings, the vision side
 
 # ξ of Eq. 10 in squared-gradient units: it only guards against 0/0 and damps entries whose RMS
 # gradient is far below 1e-4, so S ranks by consistency of sign rather than by noise-level gradients.

@@ -99,9 +99,9 @@ class EWC(Method):
             def accumulate(grad: Tensor, name: str = name) -> None:  # looked up: a resume replaces the tensors
                 fisher = self.fisher[name]
                 grad = torch.nan_to_num(grad.detach(), nan=0.0).to(fisher.device, fisher.dtype)
-                fisher.add_((grad * (scale / engine.grad_scale)).pow(2), alpha=1 / micro_batches)
+                fisher.add_((grad * scale).pow(2), alpha=1 / micro_batches)
 
-            self.handles.append(param.register_hook(accumulate))
+            self.handles.append(engine.hook_grad(param, accumulate))  # the true micro-batch gradient
 
     def after_task(self, ctx: StageContext) -> None:
         if self.online:

@@ -21,6 +21,7 @@ from piece_cl.errors import PieceError
 from piece_cl.io import atomic_save_safetensors
 from piece_cl.importance import DEFAULT_XI, ShardedScores, eligible_parameters, estimate, select_top_k, top_k_size
 from piece_cl.methods.base import Method, StageContext
+from piece_cl.scope import exclude_patterns
 from piece_cl.tracking.stats import importance_statistics
 from piece_cl.training.sparse import AdamSettings, SparseMaskedAdam
 
@@ -49,14 +50,14 @@ class Piece(Method):
     def setup(self, model: nn.Module) -> nn.Module:
         """Refuse a ratio whose k is 0 or more than the eligible entries now, not after loading and probing."""
         model = super().setup(model)
-        eligible = eligible_parameters(model, exclude=list(self.cfg.exclude))
+        eligible = eligible_parameters(model, exclude=exclude_patterns(self.cfg))
         top_k_size(float(self.cfg.ratio), sum(p.numel() for p in model.parameters()), sum(p.numel() for _, p in eligible))
         return model
 
     # -- before the task: importance and mask ---------------------------------------------------
     def before_task(self, ctx: StageContext) -> None:
         model = ctx.model
-        eligible = eligible_parameters(model, exclude=list(self.cfg.exclude))
+        eligible = eligible_parameters(model, exclude=exclude_patterns(self.cfg))
         imp = self.cfg.importance
         self.importance_work = {}
         scores = estimate(model, self._importance_batches(ctx), self.kind, xi=self._xi(),
