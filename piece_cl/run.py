@@ -28,6 +28,7 @@ from piece_cl.faults import maybe_kill
 from piece_cl.io import atomic_write_json, write_jsonl
 from piece_cl.methods.base import StageContext, build_method
 from piece_cl.models.loading import check_available, load_model
+from piece_cl.plan.report import warn_if_unfit
 from piece_cl.progress import console
 from piece_cl.results import RunResults, load_results
 from piece_cl.tracking import build_tracker
@@ -130,6 +131,7 @@ def run(cfg, run_dir: Path) -> RunResults:
     method = build_method(cfg.method)  # first: an unknown method or missing weights fail before any loading
     check_available(cfg.model)
     benchmark = build_benchmark(cfg)
+    warn_if_unfit(cfg, console.print)  # the memory plan, before the weights load (plan/report.py)
     model, tokenizer = load_model(cfg)
     model = method.setup(model)
     engine = build_engine(cfg, model, tokenizer)

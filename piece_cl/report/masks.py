@@ -20,6 +20,7 @@ import numpy as np
 from safetensors.numpy import load_file
 from scipy import stats
 
+from piece_cl.errors import PieceError
 from piece_cl.scope import is_vision
 
 Mask = dict[str, np.ndarray]
@@ -56,7 +57,12 @@ def module_of(name: str) -> tuple[str, int | None] | None:
 
 
 def load_mask(path: Path) -> Mask:
-    return {name: np.asarray(indices, dtype=np.int64) for name, indices in load_file(str(path)).items()}
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors' SafetensorError for a truncated or foreign file
+        raise PieceError(f"{path} is not a readable mask ({str(err).splitlines()[0][:200]}); rerun that stage, or "
+                         "move the file away to report without its mask figures") from None
+    return {name: np.asarray(indices, dtype=np.int64) for name, indices in tensors.items()}
 
 
 def mask_size(mask: Mask) -> int:
