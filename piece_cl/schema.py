@@ -25,6 +25,7 @@ class Rule:
     low_open: bool = False
     high_open: bool = False
     optional: bool = False     # null allowed
+    per_task: bool = False     # also a {task: value} mapping, each value checked
 
     def describe(self) -> str:
         noun = {"int": "an integer", "float": "a number", "bool": "true or false"}[self.kind]
@@ -34,9 +35,13 @@ class Rule:
             noun += f" {'>' if self.low_open else '>='} {_num(self.low)}"
         elif self.high is not None:
             noun += f" {'<' if self.high_open else '<='} {_num(self.high)}"
-        return noun + (" (or null)" if self.optional else "")
+        noun += " (or null)" if self.optional else ""
+        return noun + (", or a {task: value} mapping of such" if self.per_task else "")
 
     def accepts(self, value) -> bool:
+        if self.per_task and isinstance(value, dict):
+            return bool(value) and all(Rule(self.kind, self.low, self.high, self.low_open, self.high_open).accepts(v)
+                                       for v in value.values())
         if value is None:
             return self.optional
         if self.kind == "bool":
@@ -63,6 +68,7 @@ POSITIVE = Rule("float", low=0, low_open=True)
 NON_NEGATIVE = Rule("float", low=0)
 FRACTION = Rule("float", low=0, high=1, low_open=True)
 BOOL = Rule("bool")
+PER_TASK_INT = Rule("int", low=1, per_task=True)  # the authors' importance batch: one size or one per task
 
 SCHEMA: dict[str, Rule] = {
     "seed": COUNT,
@@ -81,7 +87,8 @@ SCHEMA: dict[str, Rule] = {
     "benchmark.train_size": SIZE, "benchmark.eval_size": Rule("int", low=0, optional=True), "benchmark.test_size": SIZE,
     "benchmark.seed": COUNT,
     "benchmark.probe.n_problems": SIZE, "benchmark.probe.max_new_tokens": POSITIVE_INT,
-    "benchmark.probe.timeout": POSITIVE,
+    "benchmark.probe.timeout": POSITIVE, "benchmark.importance.batch_size": PER_TASK_INT,
+    "protocol.importance_batch_size": PER_TASK_INT,  # (before method.importance.*, which interpolates it)
     # optimiser
     "optimizer.lr": POSITIVE, "optimizer.eps": POSITIVE, "optimizer.weight_decay": NON_NEGATIVE,
     # trainer
@@ -109,7 +116,9 @@ SCHEMA: dict[str, Rule] = {
     "method.every_epoch": BOOL, "method.min_per_task": COUNT,
     "method.importance.samples": SIZE, "method.importance.xi_on_sums": BOOL,
     "method.importance.xi": Rule("float", low=0, low_open=True, optional=True),
-    "method.importance.batch_size": POSITIVE_INT, "method.importance.chunk_size": POSITIVE_INT,
+    "method.importance.batch_size": PER_TASK_INT, "method.importance.chunk_size": POSITIVE_INT,
+    "method.importance.max_prompt_len": POSITIVE_INT, "method.importance.max_answer_len": POSITIVE_INT,
+    "method.importance.shard_moments": BOOL, "method.train_vision": BOOL,
     # protocol
     "protocol.ewc_lambda": NON_NEGATIVE, "protocol.ewc_fisher_ranks": POSITIVE_INT, "protocol.lwf_ce_weight": NON_NEGATIVE,
     "protocol.lwf_answer_only": BOOL, "protocol.importance_xi_on_sums": BOOL, "protocol.replay_fraction": FRACTION,

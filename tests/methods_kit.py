@@ -50,13 +50,9 @@ def config(**trainer):
 
 def method(name: str, protocol: str = "paper", **overrides):
     """The method as configured in configs/method/<name>.yaml under `protocol`, with `overrides`."""
-    from hydra import compose, initialize_config_dir
+    from tests.conftest import compose_config
 
-    from piece_cl.cli import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"method={name}", f"protocol={protocol}"]
-                      + [f"method.{k}={v}" for k, v in overrides.items()])
+    cfg = compose_config([f"method={name}", f"protocol={protocol}"] + [f"method.{k}={v}" for k, v in overrides.items()])
     node = OmegaConf.create(OmegaConf.to_container(cfg.method, resolve=True))
     return build_method(node)
 

@@ -237,6 +237,8 @@ def assert_intact(run_dir, before):
     ("benchmark.tasks=[]", "benchmark.tasks must be a non-empty list of task names, got []"),
     ("model.epochs=2.5", "model.epochs must be an integer >= 1, got 2.5"),
     ("trainer.shuffle=maybe", "trainer.shuffle must be true or false, got 'maybe'"),
+    ("method=piece_s protocol=official_code benchmark=trace benchmark.importance.batch_size.FOMC=0",
+     "benchmark.importance.batch_size must be an integer >= 1, or a {task: value} mapping of such"),
 ])
 def test_wrong_typed_or_ranged_keys_are_refused_and_an_interrupted_run_is_kept(tmp_path, monkeypatch, capsys,
                                                                                 override, fragment):
