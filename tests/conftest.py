@@ -18,6 +18,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def compose_config(overrides=(), hydra: bool = False):
+    """The run config `piece-run OVERRIDES` would compose (the one helper every test file uses)."""
+    from hydra import compose, initialize_config_dir
+
+    from piece_cl.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
+
+
 def unpack_vendored(destination: Path) -> Path:
     """tests/data with every `x.gz` written out as `x` (HumanEval stays gzipped, as shipped): the
     layout and file names of the full data, so a test cannot tell which one it reads."""
