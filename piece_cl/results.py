@@ -87,7 +87,7 @@ class RunResults:
             f"| {t + 1} | {d['OP'][t]:.2f} | {d['BWT'][t]:.2f} | {d['AP'][t]:.2f} |" for t in range(len(self.R)))
         return (f"# {self.run}\n\nmodel `{self.model}`, method `{self.method}`, benchmark `{self.benchmark}` — {status}\n\n"
                 f"## R matrix (row: after learning the task; column: score on the task, 0–100)\n\n"
-                + "\n".join(rows) + f"\n\nProbe: `{self.probe_name}`.\n\n## Summary (NOTES §2: BWT divides by t)\n\n"
+                + "\n".join(rows) + f"\n\nProbe: `{self.probe_name}`.\n\n## Summary (paper notes §2: BWT divides by t)\n\n"
                 + summary + "\n")
 
 

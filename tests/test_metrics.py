@@ -1,4 +1,4 @@
-"""OP, BWT and AP exactly as NOTES §2 defines them."""
+"""OP, BWT and AP exactly as docs/paper-notes.md §2 defines them."""
 import csv
 
 import pytest
@@ -34,7 +34,7 @@ def _paper_rows():
                 yield row
 
 
-# The three rows whose printed OP is not the mean of their task columns (NOTES §4).
+# The three rows whose printed OP is not the mean of their task columns (docs/paper-notes.md §4).
 INCONSISTENT = {("Gemma2-2B", "LwF"), ("Qwen3-14B", "MIGU"), ("Qwen3-14B", "PIECE-F")}
 
 

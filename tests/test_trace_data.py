@@ -1,4 +1,4 @@
-"""TRACE and HumanEval loaders on the real shipped files (counts from ../shared/data/README.md)."""
+"""TRACE and HumanEval loaders on the real shipped files (counts from the shipped data README)."""
 import gzip
 import json
 

@@ -15,7 +15,7 @@ from piece_cl.data.registry import Benchmark, Task, register_benchmark
 from piece_cl.errors import PieceError
 
 TRACE_TASKS = ["C-STANCE", "FOMC", "MeetingBank", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten", "Py150"]
-# The authors' generation budgets (NOTES §3): short answers get 16 new tokens, the rest 256.
+# The authors' generation budgets (docs/paper-notes.md §3): short answers get 16 new tokens, the rest 256.
 SHORT_ANSWER_TASKS = {"C-STANCE", "FOMC", "NumGLUE-cm", "NumGLUE-ds"}
 DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 

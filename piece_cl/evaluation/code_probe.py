@@ -17,7 +17,7 @@ STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 def postprocess_completion(text: str, style: str = "authors") -> str:
     """The function body to execute from a raw completion.
 
-    "authors" (NOTES §3): strip leading newlines, then cut at the first blank line.
+    "authors" (docs/paper-notes.md §3): strip leading newlines, then cut at the first blank line.
     "stop_sequences": cut at the first lm-evaluation-harness stop sequence.
     """
     if style == "authors":

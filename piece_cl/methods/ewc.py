@@ -5,7 +5,7 @@ that task's training data (`importance.estimate`, kind "fisher"). Fishers are su
 (F = Σ_t F_t) and the anchor is the latest θ*, so the state stays two model-sized tensors however many
 tasks pass. Loss = CE + λ Σ_i F_i (θ_i − θ*_i)²  (λ 0.5; the authors' code: 200).
 
-`fisher_source: training` (protocol=official_code) is the authors' estimate instead (NOTES §3): every
+`fisher_source: training` (protocol=official_code) is the authors' estimate instead (docs/paper-notes.md §3): every
 micro-batch's training gradient — of the whole loss, penalty included — squared and divided by the
 micro-batches per epoch, added to F as training goes, over every epoch and task, never reset; the
 penalty applies from the second task on. Their gradient was of loss / accumulation on each of their

@@ -6,7 +6,7 @@ top `ratio` of all output channels, ranked globally (`importance.select_top_k` o
 k = floor(ratio × number of rows)), are the rows that train. Everything else is frozen: tensors with no
 selected row get no gradient at all, norms and biases do not train.
 
-`variant: piece_code` is what the authors' code did (NOTES §3): score the hidden-state channels
+`variant: piece_code` is what the authors' code did (docs/paper-notes.md §3): score the hidden-state channels
 entering each linear (Σ|x_c| over tokens), unmask the top `ratio` of *input columns* per layer (at
 least one), and train down_proj, lm_head and the final norm fully.
 

@@ -1,10 +1,10 @@
 """PIECE (shared by PIECE-F and PIECE-S): before each task, score every eligible entry on the task's
-data, keep the global top k = floor(ratio·|θ|), and train only those entries (NOTES §1).
+data, keep the global top k = floor(ratio·|θ|), and train only those entries (docs/paper-notes.md §1).
 
 Entries outside the mask keep their exact bits through the task: tensors with no selected entry are
 frozen (no gradient at all), and the selected ones are updated by `training.sparse.SparseMaskedAdam`,
 which keeps Adam state for the k entries only. The optimiser is fresh for every task, as in the
-authors' runs (one process per task). `unselected=train` reproduces the authors' bug (NOTES §3:
+authors' runs (one process per task). `unselected=train` reproduces the authors' bug (docs/paper-notes.md §3:
 tensors with no selected entry trained fully) for comparison only.
 """
 from __future__ import annotations

@@ -98,7 +98,7 @@ def free_port() -> int:
 
 
 def close_distributed() -> None:
-    """Barrier, then destroy the group: without it gloo ranks abort at exit (MEASURED.md)."""
+    """Barrier, then destroy the group: without it gloo ranks abort at exit (docs/measured.md)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
