@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from piece_cl.errors import PieceError
 from piece_cl.io import disk_full_errno
+from piece_cl.schema import flatten_config, validate_config
 
 CONFIG_DIR = Path(str(importlib.resources.files("piece_cl.configs")))
 GROUPS = ("model", "benchmark", "method", "optimizer", "trainer", "eval", "protocol", "paths", "experiment", "logger")
@@ -61,7 +62,6 @@ def validate(cfg: DictConfig) -> None:
     Types and ranges come from the one table in schema.py; what only a method knows (its trainer
     needs) from the method.
     """
-    from piece_cl.schema import validate_config
 
     validate_config(cfg)
     from piece_cl.methods.base import build_method
@@ -86,22 +86,13 @@ VOLATILE = ("resume", "verbose", "logger", "run_dir", "world_size", "distributed
             "model.paper_name", "method.paper_name", "protocol.name")  # display names (protocol.name: older runs)
 
 
-def _flatten(node, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        out = {}
-        for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): node}
-
-
 def config_difference(old: dict, new: dict) -> str | None:
     """The first setting that differs between two resolved configs, ignoring VOLATILE keys."""
     def kept(key: str) -> bool:
         return key.split(".")[0] not in VOLATILE and ".".join(key.split(".")[:2]) not in VOLATILE
 
-    a = {k: v for k, v in _flatten(old).items() if kept(k)}
-    b = {k: v for k, v in _flatten(new).items() if kept(k)}
+    a = {k: v for k, v in flatten_config(old).items() if kept(k)}
+    b = {k: v for k, v in flatten_config(new).items() if kept(k)}
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
             return f"{key}: {a.get(key, '<unset>')} in the run, {b.get(key, '<unset>')} now"

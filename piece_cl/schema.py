@@ -128,6 +128,16 @@ SCHEMA: dict[str, Rule] = {
 _MISSING = object()
 
 
+def flatten_config(node, prefix: str = "") -> dict:
+    """A resolved config as {"a.b.c": leaf}: how keys are named in the schema, in resume checks and as hparams."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
 def _lookup(tree: dict, key: str):
     node = tree
     for part in key.split("."):

@@ -2,6 +2,8 @@
 import gzip
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# A two-task, four-problem run of the embedded benchmark: the shortest real piece-run.
+SHORT_RUN = ["experiment=smoke", "benchmark.tasks=[tiny_choice,tiny_number]", "benchmark.probe.n_problems=4"]
+
+
+def run_embedded(run_dir, *extra, kill_at=None) -> subprocess.CompletedProcess:
+    """`piece-run SHORT_RUN EXTRA` into run_dir in a fresh process; `kill_at` arms piece_cl/faults.py."""
+    env = {k: v for k, v in os.environ.items() if k != "PIECE_KILL_AT"}
+    env["HF_HUB_OFFLINE"] = "1"
+    if kill_at:
+        env["PIECE_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, "-m", "piece_cl.cli", *SHORT_RUN, f"hydra.run.dir={run_dir}", *extra],
+                          env=env, capture_output=True, text=True, timeout=900)
 
 
 def compose_config(overrides=(), hydra: bool = False):

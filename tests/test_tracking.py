@@ -3,10 +3,8 @@ offline files (or a fake module behind the same adapter), and the rules: logging
 a resumed run has every step once, a failing logger is one warning."""
 import glob
 import json
-import os
 import signal
 import struct
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -19,6 +17,7 @@ from piece_cl.tracking import Tracker, build_tracker
 from piece_cl.tracking.backends import TensorBoardBackend, WandbBackend
 from piece_cl.tracking.stats import importance_statistics
 from piece_cl.tracking.tracker import hparams_of
+from tests.conftest import run_embedded
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -244,17 +243,11 @@ def test_logger_overrides_are_checked_like_other_groups():
 
 
 # -- slow: the embedded benchmark through piece-run ------------------------------------------------
-SHORT = ["experiment=smoke", "benchmark.tasks=[tiny_choice,tiny_number]", "benchmark.probe.n_problems=4",
-         "trainer.loss_curve_every=1", "trainer.loss_curve_samples=4"]
+CURVES = ["trainer.loss_curve_every=1", "trainer.loss_curve_samples=4"]
 
 
 def piece_run(run_dir, *extra, kill_at=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("PIECE_KILL_AT", None)
-    if kill_at:
-        env["PIECE_KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, "-m", "piece_cl.cli", *SHORT, f"hydra.run.dir={run_dir}", *extra],
-                          env=env, capture_output=True, text=True, timeout=900)
+    return run_embedded(run_dir, *CURVES, *extra, kill_at=kill_at)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from rich.markup import escape
 
 from piece_cl.progress import console
+from piece_cl.schema import flatten_config
 from piece_cl.tracking.backends import TensorBoardBackend, TrackingUnavailable, WandbBackend
 
 # Config keys that are not hyper-parameters of the experiment (where it ran, how it was logged).
@@ -22,20 +23,11 @@ NOT_HPARAMS = ("logger", "paths", "run_dir", "world_size", "distributed", "versi
                "verbose")
 
 
-def _flat(node, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        out = {}
-        for key, value in node.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): node}
-
-
 def hparams_of(cfg) -> dict:
     """The resolved config flattened to the scalar types both HParams views take (lists as text)."""
     resolved = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     params = {}
-    for key, value in _flat({k: v for k, v in resolved.items() if k not in NOT_HPARAMS}).items():
+    for key, value in flatten_config({k: v for k, v in resolved.items() if k not in NOT_HPARAMS}).items():
         params[key] = value if isinstance(value, (bool, int, float, str)) else str(value)
     return params
 
