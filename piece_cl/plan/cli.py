@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from piece_cl.errors import PieceError
+from piece_cl.plan.report import plan_text, visible_device_gb
 
 DEFAULT_DEVICE_GB = 80.0  # the paper's A100-80GB when no GPU is visible and none is stated
 
@@ -41,14 +42,6 @@ def split_plan_args(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     return rest, plan
 
 
-def visible_device_gb() -> float | None:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory / 1e9
-    return None
-
-
 def device_gb(stated: str | None) -> tuple[float, str]:
     if stated is not None:
         try:
@@ -65,8 +58,6 @@ def device_gb(stated: str | None) -> tuple[float, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from piece_cl.plan.report import plan_text
-
     argv = sys.argv[1:] if argv is None else argv
     try:
         overrides, plan_args = split_plan_args(argv)

@@ -92,6 +92,15 @@ def fit_warning(cfg, capacity_gb: float) -> str | None:
     return None
 
 
+def visible_device_gb() -> float | None:
+    """GPU 0's memory in GB, None without CUDA (here, not in plan/cli.py: run.py imports this module)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 1e9
+    return None
+
+
 def warn_if_unfit(cfg, log) -> None:
     """Before a run loads its weights: warn (never stop) when the plan says a phase will not fit its GPU.
 
@@ -100,7 +109,6 @@ def warn_if_unfit(cfg, log) -> None:
     """
     import logging
 
-    from piece_cl.plan.cli import visible_device_gb
 
     stated = (cfg.get("plan") or {}).get("device_memory_gb")
     on_gpu = str(cfg.trainer.get("device", "auto")) in ("auto", "cuda")
