@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
 "$PY" scripts/gpu_check.py | tee "$OUT/gpu_check.txt"
 if [[ "${GPU_CHECK_TINY:-0}" != "0" ]]; then
-  "$PY" scripts/bench_importance.py --hidden 64 --layers 2 --vocab 512 --samples 8 --tokens 32 --chunk 4 --repeats 1 \
+  "$PY" scripts/bench_importance.py --hidden 64 --layers 2 --vocab 512 --samples 8 --tokens 32 --chunk 4 --repeats 1 --paths hooks,loop \
     | tee "$OUT/bench_importance.txt"
 else
   "$PY" scripts/bench_importance.py --hidden 1024 --layers 8 --vocab 32000 --samples 64 --tokens 512 --chunk 8 --repeats 3 \
