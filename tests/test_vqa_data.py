@@ -6,8 +6,9 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from piece_cl.data.registry import build_benchmark
-from piece_cl.data.vqa import CAPTION_PROMPT, ImageResolver, karpathy_test_records, load_vqa_task
+from piece_cl.benchmarks.registry import build_benchmark
+from piece_cl.benchmarks.vqa import load_vqa_task
+from piece_cl.data.vqa import CAPTION_PROMPT, ImageResolver, karpathy_test_records
 from piece_cl.errors import PieceError
 from piece_cl.evaluation import scorers
 

@@ -1,11 +1,18 @@
-"""Read task records from .json, .jsonl or .json.gz and check their shape, naming file and record on error."""
+"""Read task records from .json, .jsonl or .json.gz and check their shape, naming file and record on error.
+
+The file helpers every benchmark's loader shares (which file holds a split, the held-out sample) live
+here, once.
+"""
 from __future__ import annotations
 
 import gzip
 import json
+import random
 from pathlib import Path
 
 from piece_cl.errors import PieceError
+
+DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 
 
 def _read_text(path: Path) -> str:
@@ -50,3 +57,20 @@ def load_records(path: str | Path, required: tuple[str, ...] = ("prompt", "answe
             if not isinstance(record.get(key), str):
                 raise PieceError(f"{path}: record {index} has no string field '{key}'")
     return records[:limit] if limit is not None else records
+
+
+def find_split_file(task_dir: Path, split: str) -> Path:
+    """`<split>.json`, `.jsonl` or `.json.gz` in `task_dir`, whichever exists."""
+    for suffix in DATA_SUFFIXES:
+        candidate = task_dir / f"{split}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise PieceError(f"no {split}.json / .jsonl / .json.gz in {task_dir}")
+
+
+def held_out_sample(records: list, size: int | None, seed: int, name: str) -> list:
+    """A fixed random sample (same seed, same records) for held-out loss curves."""
+    if size is None or size >= len(records):
+        return records
+    rng = random.Random(f"{seed}/{name}/eval")
+    return [records[i] for i in sorted(rng.sample(range(len(records)), size))]
