@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from piece_cl.data.authors_importance import batch_size_for_task, importance_features
 from piece_cl.errors import PieceError
 from piece_cl.io import atomic_save_safetensors
 from piece_cl.importance import DEFAULT_XI, eligible_parameters, estimate, select_top_k, top_k_size
@@ -84,14 +85,16 @@ class Piece(Method):
         return AUTHORS_XI_ON_SUMS if imp.xi_on_sums else DEFAULT_XI
 
     def _importance_batches(self, ctx: StageContext) -> Iterator[dict[str, Tensor]]:
-        """Task records tokenised as training sees them (right padding, labels -100 off the answer).
+        """Task records tokenised as training sees them, or as the authors' collator did
+        (`importance.truncation`); right padding, labels -100 off the labelled tail.
 
         No attention mask: under causal attention right padding cannot reach the answer tokens.
         """
         imp = self.cfg.importance
         records = ctx.task.train if imp.samples is None else ctx.task.train[: int(imp.samples)]
-        features = ctx.engine.encode(records)
-        size = int(imp.chunk_size) if imp.granularity == "sample" else int(imp.batch_size)
+        features = importance_features(ctx.tokenizer, records, imp.get("truncation", "training"), ctx.engine.encode,
+                                       imp.get("max_prompt_len"), imp.get("max_answer_len"))
+        size = int(imp.chunk_size) if imp.granularity == "sample" else batch_size_for_task(imp.batch_size, ctx.task.name)
         for start in range(0, len(features), size):
             batch = ctx.engine.batch(features[start : start + size])
             yield {"input_ids": batch["input_ids"], "labels": batch["labels"]}
