@@ -20,7 +20,8 @@ class CaptionProbe:
     def evaluate(self, model, tokenizer, gen_cfg, shard: Shard | None = None) -> tuple[float, list[dict]]:
         """(score on 0..100, one record per image with its caption); `shard`: this rank's share."""
         predictions = generate_for_eval(model, tokenizer, [r["prompt"] for r in self.records], gen_cfg,
-                                        self.max_new_tokens, images=[r["image"] for r in self.records], shard=shard)
+                                        self.max_new_tokens, images=[r["image"] for r in self.records], shard=shard,
+                                        cut_prompts=False)
         references = [r["references"] for r in self.records]
         items = [{"image": r["image"], "prediction": p, "references": r["references"]}
                  for r, p in zip(self.records, predictions)]
