@@ -23,7 +23,7 @@ from piece_cl.errors import PieceError
 from piece_cl.io import disk_full_errno
 
 CONFIG_DIR = Path(str(importlib.resources.files("piece_cl.configs")))
-GROUPS = ("model", "benchmark", "method", "optimizer", "trainer", "eval", "protocol", "paths", "experiment")
+GROUPS = ("model", "benchmark", "method", "optimizer", "trainer", "eval", "protocol", "paths", "experiment", "logger")
 VERSIONED = ("piece-cl", "torch", "transformers", "deepspeed", "peft", "hydra-core", "tokenizers")
 
 
@@ -40,8 +40,8 @@ def check_overrides(argv: list[str]) -> None:
         if key not in GROUPS or value in ("", "null"):
             continue
         known = config_options(key)
-        for choice in value.split(","):
-            if choice.startswith(("range(", "choice(", "glob(")):
+        for choice in value.strip("[]").split(","):  # logger=[tensorboard,wandb] selects several
+            if not choice or choice.startswith(("range(", "choice(", "glob(")):
                 continue
             if choice not in known:
                 raise PieceError(f"unknown {key} '{choice}'; known: {', '.join(known)}")
@@ -76,7 +76,7 @@ def library_versions() -> dict[str, str]:
 
 
 # Keys that may change between a run and its resumption.
-VOLATILE = ("resume", "verbose", "run_dir", "world_size", "distributed", "versions", "overrides",
+VOLATILE = ("resume", "verbose", "logger", "run_dir", "world_size", "distributed", "versions", "overrides",
             "trainer.nproc_per_node", "trainer.master_port", "trainer.nnodes", "trainer.node_rank",
             "trainer.rdzv_endpoint", "trainer.rdzv_id")
 

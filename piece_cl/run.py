@@ -25,6 +25,7 @@ from piece_cl.methods.base import StageContext, build_method
 from piece_cl.models.loading import check_available, load_model
 from piece_cl.progress import console
 from piece_cl.results import RunResults, load_results
+from piece_cl.tracking import build_tracker
 from piece_cl.training.engine import build_engine
 from piece_cl.training.loss_curves import LossCurves
 
@@ -81,6 +82,7 @@ def run(cfg, run_dir: Path) -> RunResults:
         results.probe_base, _ = probe.evaluate(engine.model, tokenizer, cfg.eval, Shard.current())
         console.print(f"base model: {probe.name} = {results.probe_base:.2f}")
 
+    tracker = build_tracker(cfg, run_dir, engine.is_main)  # rank 0 only; never changes what is computed
     curves = LossCurves(engine, benchmark.tasks, every=int(cfg.trainer.loss_curve_every),
                         samples=int(cfg.trainer.loss_curve_samples))
     for t, task in enumerate(benchmark.tasks):
@@ -93,13 +95,17 @@ def run(cfg, run_dir: Path) -> RunResults:
                            tokenizer=tokenizer, engine=engine, cfg=cfg, stage_dir=stage_dir,
                            seed=int(cfg.seed), log=console.print)
         ctx.fit = lambda records, epochs=None, _ctx=ctx: engine.fit(
-            _ctx, method, records, int(epochs or cfg.trainer.epochs), optimizer_factory, description="extra")
+            _ctx, method, records, int(epochs or cfg.trainer.epochs), optimizer_factory, description="extra",
+            on_step=lambda step, _t=_ctx.t: tracker.active and tracker.on_step(step, _t, engine.step_stats,
+                                                                                  method.step_scalars()))
 
         method.before_task(ctx)
         curves.start_stage(t, stage_dir)
 
         def on_step(step: int, _t=t) -> None:
-            curves.on_step(step)
+            heldout = curves.on_step(step)
+            if tracker.active:
+                tracker.on_step(step, _t, engine.step_stats, method.step_scalars(), heldout)
             maybe_kill("step", _t)
 
         stats = engine.fit(ctx, method, method.train_records(ctx), int(cfg.trainer.epochs), optimizer_factory,
@@ -123,6 +129,7 @@ def run(cfg, run_dir: Path) -> RunResults:
             save_stage_state(run_dir, t, engine.model, method, engine)
         maybe_kill("commit", t)
         results.add_stage(row, probe_score)
+        tracker.on_stage(t, engine.global_step, results, method.stage_scalars())  # flushed before the commit
         if engine.is_main:
             results.save(run_dir)  # the commit: results.json names the stages that are complete
             prune_checkpoints(run_dir, keep=t)
@@ -134,4 +141,6 @@ def run(cfg, run_dir: Path) -> RunResults:
 
     if not results.finished:
         raise PieceError("the run ended before its last stage")
+    tracker.on_end(results, cfg, engine.global_step)
+    tracker.close()
     return results

@@ -28,7 +28,7 @@ def test_short_rows_are_rejected():
 
 
 def _paper_rows():
-    with open(ROOT.parent / "shared" / "paper" / "table1.csv") as handle:
+    with open(ROOT / "piece_cl" / "report" / "data" / "table1.csv") as handle:  # the paper's Table 1, packaged
         for row in csv.DictReader(handle):
             if row["method"] != "base":
                 yield row

@@ -1,9 +1,9 @@
 """The inputs of the authors' importance pass (protocol=official_code), not piece_cl's training encoding.
 
-Their pass fed each task through TRACE's `DataCollator` (utils/data/data_collator.py of the TRACE code
-their repository builds on) with max_prompt_len 256 and max_ans_len 128 (docs/paper-notes.md §3),
-and used a mini-batch of 1 for MeetingBank, ScienceQA, 20Minuten, Py150 and of 4 otherwise. That
-collator does not cut prompt and answer separately: it tokenises `prompt + answer` as one string
+Their pass cut inputs to 256 + 128 tokens (docs/paper-notes.md §3), dropping BOS when it cut: the
+behaviour of the `DataCollator` of the TRACE code base (utils/data/data_collator.py) at max_prompt_len
+256, max_ans_len 128; it used a mini-batch of 1 for MeetingBank, ScienceQA, 20Minuten, Py150 and of 4
+otherwise. That collator does not cut prompt and answer separately: it tokenises `prompt + answer` as one string
 (no special tokens) and keeps the FIRST 256 + 128 tokens; it appends EOS only if the cut left room, then
 BOS only if there is still room, so a cut sequence carries neither; and it labels the last
 len(answer tokens + EOS) positions, which after a cut are prompt tokens, not the answer. That is

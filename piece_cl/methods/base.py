@@ -148,9 +148,34 @@ class Method:
         """The model evaluated after a stage."""
         return model
 
+    # -- tracking (piece_cl/tracking): read after each step / stage, never by training ---------
+    def step_scalars(self) -> dict[str, float]:
+        """Values of the last optimiser step worth plotting (EWC penalty, LwF KD term, GEM projections)."""
+        return {}
+
+    def stage_scalars(self) -> dict[str, float]:
+        """Values of this stage worth plotting (PIECE's importance statistics)."""
+        return {}
+
     # -- resume -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+class StepMeans:
+    """Per-step means of terms a method computes in its loss, for `step_scalars` (no GPU sync until read)."""
+
+    def __init__(self):
+        self.step, self.sums, self.counts = None, {}, {}
+
+    def add(self, step: int, name: str, value: torch.Tensor) -> None:
+        if step != self.step:  # micro-batches of one optimiser step share the engine's step counter
+            self.step, self.sums, self.counts = step, {}, {}
+        self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {name: float(total) / self.counts[name] for name, total in self.sums.items()}

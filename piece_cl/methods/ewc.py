@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from piece_cl.errors import PieceError
 from piece_cl.importance import estimate
-from piece_cl.methods.base import Method, StageContext, register_method
+from piece_cl.methods.base import Method, StageContext, StepMeans, register_method
 
 
 def state_dtype(name: str) -> torch.dtype:
@@ -61,6 +61,7 @@ class EWC(Method):
         self.fisher: dict[str, Tensor] = {}
         self.anchor: dict[str, Tensor] = {}
         self.handles: list = []
+        self.tracked = StepMeans()
 
     def penalty(self, model: nn.Module) -> Tensor:
         """λ Σ F (θ − θ*)² over the parameters that carry a Fisher (differentiable in θ)."""
@@ -73,7 +74,14 @@ class EWC(Method):
         return float(self.cfg.lam) * torch.stack(terms).sum()
 
     def loss(self, ctx: StageContext, batch, out) -> Tensor:
-        return out.loss + self.penalty(ctx.model) if self.fisher and self.anchor else out.loss
+        if not (self.fisher and self.anchor):
+            return out.loss
+        penalty = self.penalty(ctx.model)
+        self.tracked.add(ctx.engine.global_step, "ewc_penalty", penalty)
+        return out.loss + penalty
+
+    def step_scalars(self) -> dict[str, float]:
+        return self.tracked.means()
 
     def before_task(self, ctx: StageContext) -> None:
         """`fisher_source: training`: a gradient hook per trainable tensor adds g² / micro-batches per epoch."""

@@ -92,6 +92,9 @@ class GEM(Method):
             ctx.engine.set_grad(name, param, current[i].float() + update)
         self.projections += 1
 
+    def step_scalars(self) -> dict[str, float]:
+        return {"gem_projections": float(self.projections)} if self.memories else {}
+
     def after_task(self, ctx: StageContext) -> None:
         memory = sample_records(ctx.task.train, int(self.cfg.memory_per_task), ctx.seed + ctx.t)
         self.memories.append(memory)

@@ -21,6 +21,7 @@ from piece_cl.errors import PieceError
 from piece_cl.io import atomic_save_safetensors
 from piece_cl.importance import DEFAULT_XI, eligible_parameters, estimate, select_top_k, top_k_size
 from piece_cl.methods.base import Method, StageContext
+from piece_cl.tracking.stats import importance_statistics
 from piece_cl.training.sparse import AdamSettings, SparseMaskedAdam
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Piece(Method):
         self.masks: dict[str, Tensor] = {}
         self.fully_trained: list[str] = []  # unselected=train only: eligible tensors without selections
         self.optimizer: SparseMaskedAdam | None = None
+        self.importance_stats: dict[str, float] = {}
 
     def setup(self, model: nn.Module) -> nn.Module:
         """Refuse a ratio whose k is 0 or more than the eligible entries now, not after loading and probing."""
@@ -60,6 +62,7 @@ class Piece(Method):
                           reduction=imp.reduction, xi_on_sums=bool(imp.xi_on_sums))
         total = sum(p.numel() for p in model.parameters())  # |θ| with embeddings, as the authors counted
         self.masks = select_top_k(scores, float(self.cfg.ratio), total=total)
+        self.importance_stats = importance_statistics(scores, self.masks, len(eligible))
         del scores
         if ctx.engine.is_main:  # every rank holds the same mask; one writes it
             atomic_save_safetensors(ctx.stage_dir / "mask.safetensors", {n: i.contiguous() for n, i in self.masks.items()})
@@ -76,6 +79,9 @@ class Piece(Method):
         trained = set(self.masks) | set(self.fully_trained)
         for name, param in model.named_parameters():
             param.requires_grad_(name in trained)
+
+    def stage_scalars(self) -> dict[str, float]:
+        return dict(self.importance_stats)
 
     def _xi(self) -> float:
         """ξ of Eq. 10: tiny on means (the paper), 1 on sums (the authors' code) unless set."""
@@ -95,6 +101,8 @@ class Piece(Method):
         features = importance_features(ctx.tokenizer, records, imp.get("truncation", "training"), ctx.engine.encode,
                                        imp.get("max_prompt_len"), imp.get("max_answer_len"))
         size = int(imp.chunk_size) if imp.granularity == "sample" else batch_size_for_task(imp.batch_size, ctx.task.name)
+        ctx.log(f"{self.name}: importance on {len(features)} records, per {imp.granularity}"
+                f"{'' if imp.granularity == 'sample' else f' of {size}'}, {imp.get('truncation', 'training')} encoding")
         for start in range(0, len(features), size):
             batch = ctx.engine.batch(features[start : start + size])
             yield {"input_ids": batch["input_ids"], "labels": batch["labels"]}

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from piece_cl.errors import PieceError
-from piece_cl.training.engine import TorchEngine
+from piece_cl.training.engine import TorchEngine, clip_gradients
 
 
 def use_bf16(trainer_cfg) -> bool:
@@ -208,15 +208,11 @@ class DeepSpeedEngine(TorchEngine):
         if self._wrapped is not None:
             method.after_backward(ctx)  # between the reduction and the step: full grads via safe accessors
             self._wrapped.step()  # clips to trainer.grad_clip, steps, zeroes
+            self.grad_norm = self._wrapped.get_global_grad_norm()  # before clipping (tracking only)
         else:
             self._reduce_self_managed(optimizer, params)
             method.after_backward(ctx)
-            clip = float(self.cfg.grad_clip or 0)
-            if clip > 0:
-                if hasattr(optimizer, "clip_grad_norm_"):
-                    optimizer.clip_grad_norm_(clip)
-                else:
-                    torch.nn.utils.clip_grad_norm_([p for _, p in params if p.grad is not None], clip)
+            self.grad_norm = clip_gradients(optimizer, params, float(self.cfg.grad_clip or 0))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return float(local)

@@ -6,6 +6,7 @@ contract in methods/base.py and read or write gradients only through `get_grad` 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +42,8 @@ class TorchEngine:
         self.batch_size = int(trainer_cfg.batch_size)
         self.micro_batch_size = min(int(trainer_cfg.micro_batch_size), self.batch_size)
         self.global_step = 0
+        self.step_stats: dict = {}  # the last optimiser step, for tracking (piece_cl/tracking); never read back
+        self.grad_norm = None
         # multimodal models get a processor: images and prompts go through it (data/multimodal.py)
         self.multimodal_collator = MultimodalCollator(tokenizer, int(trainer_cfg.max_answer_len)) \
             if is_multimodal(tokenizer) else None
@@ -124,7 +127,11 @@ class TorchEngine:
                     continue
                 for step in range(steps_per_epoch):
                     chunk = [features[i] for i in order[step * self.batch_size : (step + 1) * self.batch_size]]
+                    started = time.perf_counter()
                     loss = self._step(ctx, method, optimizer, params, chunk)
+                    self.step_stats = {"loss": loss, "lr": learning_rate(optimizer), "grad_norm": self.grad_norm,
+                                       "samples_per_s": len(chunk) / max(time.perf_counter() - started, 1e-9),
+                                       "epoch": epoch + 1}
                     losses.append(loss)
                     self.global_step += 1
                     bar.update(job, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {loss:.3f}")
@@ -155,15 +162,31 @@ class TorchEngine:
             (loss * (len(micro) / len(chunk))).backward()
             total += float(loss.detach()) * len(micro) / len(chunk)
         method.after_backward(ctx)
-        clip = float(self.cfg.grad_clip or 0)
-        if clip > 0:
-            if hasattr(optimizer, "clip_grad_norm_"):
-                optimizer.clip_grad_norm_(clip)  # optimisers that keep their own (sparse) gradients
-            else:
-                torch.nn.utils.clip_grad_norm_([p for _, p in params if p.grad is not None], clip)
+        self.grad_norm = clip_gradients(optimizer, params, float(self.cfg.grad_clip or 0))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return total
+
+
+def clip_gradients(optimizer, params, clip: float) -> torch.Tensor:
+    """Clip to `clip` (0: no clipping) and return the norm before clipping (tracked as train/grad_norm).
+
+    Without clipping the threshold is infinite: the scale is exactly 1, so the gradients are unchanged.
+    """
+    limit = clip if clip > 0 else math.inf
+    if hasattr(optimizer, "clip_grad_norm_"):
+        return optimizer.clip_grad_norm_(limit)  # optimisers that keep their own (sparse) gradients
+    grads = [p for _, p in params if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(grads, limit) if grads else torch.zeros(())
+
+
+def learning_rate(optimizer) -> float | None:
+    """The optimiser's current learning rate (first parameter group; PIECE's sparse Adam: its setting)."""
+    groups = getattr(optimizer, "param_groups", None)
+    if groups:
+        return float(groups[0]["lr"])
+    settings = getattr(optimizer, "settings", None)
+    return float(settings.lr) if settings is not None else None
 
 
 def build_engine(cfg, model: nn.Module, tokenizer):
