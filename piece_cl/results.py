@@ -5,6 +5,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from piece_cl.errors import PieceError
 from piece_cl.evaluation.metrics import ap, bwt, op
 from piece_cl.io import atomic_write_json, atomic_write_text
 
@@ -93,4 +94,10 @@ class RunResults:
 def load_results(run_dir: Path) -> RunResults | None:
     """The committed results of a run directory, or None when no stage has been committed."""
     path = run_dir / "results.json"
-    return RunResults.from_dict(json.loads(path.read_text())) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return RunResults.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as err:
+        raise PieceError(f"{path} is corrupted ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                         "restore it from a copy, or start again in a new hydra.run.dir") from None

@@ -105,12 +105,8 @@ def forbidden_arrows(graph: dict[str, set[str]]) -> list[str]:
                   if layer(target) in FORBIDDEN.get(layer(source), set()))
 
 
-# The two training engines import each other until issue 15 part B (build_engine in its own module) lands.
-KNOWN_CYCLES: list[list[str]] = [["piece_cl.training.deepspeed_engine", "piece_cl.training.engine"]]
-
-
 def test_no_import_cycle():
-    assert [c for c in cycles(import_graph()) if c not in KNOWN_CYCLES] == []
+    assert cycles(import_graph()) == []
 
 
 def test_no_arrow_against_the_layers():

@@ -52,6 +52,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_embedded_default_runs_fills_the_r_matrix_and_resumes_identically(name, shared_cache, tmp_path, monkeypatch):
     """A full run, then a run that crashes in its second stage and is resumed: the same results.json."""

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 import tempfile
+import zlib
 from pathlib import Path
 
 from piece_cl.errors import PieceError
@@ -20,23 +22,60 @@ TABLE_SUFFIXES = (".parquet",)
 
 
 def _read_text(path: Path) -> str:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        return handle.read()
+    """The file's text; a bad gzip stream, a non-UTF-8 byte or an unreadable file is one line naming it."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise PieceError(f"{path}: not a valid gzip file ({err}); recompress it or drop the .gz suffix") from None
+    except OSError as err:
+        raise PieceError(f"cannot read {path} ({err.strerror}); fix its permissions") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise PieceError(f"{path}: line {line} (byte {err.start}) holds {raw[err.start:err.start + 1]!r}, which is not "
+                         "UTF-8; re-encode the file as UTF-8") from None
+
+
+def _parse(path: Path, text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        line = f" at line {err.lineno}" if where == "" else ""
+        raise PieceError(f"{path}: malformed JSON{where} ({err.msg}{line})") from None
+    except RecursionError:
+        raise PieceError(f"{path}: JSON{where} is nested too deeply to read; records are flat objects") from None
+
+
+def _check_strings(path: Path, index: int, value, key: str = "") -> None:
+    """A lone surrogate (a JSON escape such as \\ud800) is valid JSON but no text a tokenizer can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise PieceError(f"{path}: record {index} field '{key}' holds a lone surrogate "
+                             f"({value[err.start]!r} at character {err.start}); fix or drop that record") from None
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_strings(path, index, item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list):
+        for position, item in enumerate(value):
+            _check_strings(path, index, item, f"{key}[{position}]")
 
 
 def load_json_any(path: str | Path) -> list:
     """A JSON list, a JSON-lines file, or either gzipped; errors name the file (and line for JSONL)."""
     path = Path(path)
     if not path.is_file():
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not os.access(parent, os.R_OK | os.X_OK):
+            raise PieceError(f"cannot read directory {parent} (permission denied), so {path} cannot be found; "
+                             "fix its permissions")
         raise PieceError(f"data file not found: {path}")
     text = _read_text(path)
     is_lines = path.name.endswith((".jsonl", ".jsonl.gz"))
     if not is_lines:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise PieceError(f"{path}: malformed JSON ({err.msg} at line {err.lineno})") from None
+        data = _parse(path, text, "")
         if not isinstance(data, list):
             raise PieceError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
         return data
@@ -44,10 +83,7 @@ def load_json_any(path: str | Path) -> list:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise PieceError(f"{path}: malformed JSON on line {lineno} ({err.msg})") from None
+        records.append(_parse(path, line, f" on line {lineno}"))
     return records
 
 
@@ -86,6 +122,7 @@ def load_records(path: str | Path, required: tuple[str, ...] = ("prompt", "answe
         for key in required:
             if not isinstance(record.get(key), str):
                 raise PieceError(f"{path}: record {index} has no string field '{key}'")
+        _check_strings(path, index, record)
     return records[:limit] if limit is not None else records
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from piece_cl.errors import PieceError
-from piece_cl.importance import estimate
+from piece_cl.importance import estimate, whole_scores
 from piece_cl.methods.base import Method, StageContext, StepMeans, register_method
 
 
@@ -61,6 +61,7 @@ class EWC(Method):
         self.fisher: dict[str, Tensor] = {}
         self.anchor: dict[str, Tensor] = {}
         self.handles: list = []
+        self.fisher_work: dict = {}  # what this rank's last Fisher estimate did (samples, bytes of sums)
         self.tracked = StepMeans()
 
     def penalty(self, model: nn.Module) -> Tensor:
@@ -98,9 +99,9 @@ class EWC(Method):
             def accumulate(grad: Tensor, name: str = name) -> None:  # looked up: a resume replaces the tensors
                 fisher = self.fisher[name]
                 grad = torch.nan_to_num(grad.detach(), nan=0.0).to(fisher.device, fisher.dtype)
-                fisher.add_((grad * (scale / engine.grad_scale)).pow(2), alpha=1 / micro_batches)
+                fisher.add_((grad * scale).pow(2), alpha=1 / micro_batches)
 
-            self.handles.append(param.register_hook(accumulate))
+            self.handles.append(engine.hook_grad(param, accumulate))  # the true micro-batch gradient
 
     def after_task(self, ctx: StageContext) -> None:
         if self.online:
@@ -117,7 +118,10 @@ class EWC(Method):
         features = ctx.engine.encode(records)
         size = ctx.engine.micro_batch_size
         batches = (ctx.engine.batch(features[i : i + size]) for i in range(0, len(features), size))
-        fisher = estimate(ctx.model, batches, kind="fisher", eligible=self.trainable(ctx.model), chunk_size=size)
+        # Data parallel over the ranks, sums sharded while estimating; the penalty needs F whole on every rank.
+        fisher = whole_scores(estimate(ctx.model, batches, kind="fisher", eligible=self.trainable(ctx.model),
+                                       chunk_size=size, moments_device=self.cfg.get("fisher_device"),
+                                       work=self.fisher_work))
         dtype = state_dtype(self.cfg.get("fisher_dtype", "float32"))
         params = dict(ctx.model.named_parameters())
         for name, value in fisher.items():
