@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 
 from piece_cl.checkpoint import epoch_checkpoint, load_stage_state, prune_checkpoints, save_stage_state
-from piece_cl.data.registry import build_benchmark
+from piece_cl.benchmarks.registry import build_benchmark
 from piece_cl.errors import PieceError
 from piece_cl.evaluation.evaluate import evaluate_task
 from piece_cl.evaluation.sharding import Shard

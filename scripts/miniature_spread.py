@@ -29,7 +29,7 @@ SETTINGS = {
 CHILD = r"""
 import json, os, sys, torch
 from hydra import compose, initialize_config_dir
-from piece_cl.data.registry import build_benchmark
+from piece_cl.benchmarks.registry import build_benchmark
 from piece_cl.models.pretrain import load_miniature
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 with initialize_config_dir(config_dir=sys.argv[1], version_base=None):

@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from piece_cl.cli import CONFIG_DIR
+from piece_cl.benchmarks.tiny import build_task
 from piece_cl.data import tiny_tasks
 from piece_cl.methods.base import build_method
 from piece_cl.models.tiny import build_tiny_model, build_tokenizer
@@ -92,7 +93,7 @@ def run_method(name: str, cfg, tokenizer, factory, scratch: Path) -> dict:
     evidence: dict = {}
     if name == "gem":
         watch_gem(method, evidence)
-    tasks = [tiny_tasks.build_task(task, 24, 4, 4, seed=0) for task in TASKS]
+    tasks = [build_task(task, 24, 4, 4, seed=0) for task in TASKS]
     before = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
     stats, masks, stages, fit_seconds, step_seconds = [], [], [], 0.0, []
     for t, task in enumerate(tasks):

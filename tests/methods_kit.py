@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from piece_cl.data.registry import Task
+from piece_cl.benchmarks.registry import Task
 from piece_cl.methods.base import StageContext, build_method
 from piece_cl.models.tiny import build_tokenizer
 from piece_cl.run import stage_context, train_stage

@@ -25,7 +25,7 @@ def seqft_run(tmp_path_factory):
 
 
 def untrained_score(task_index: int) -> float:
-    from piece_cl.data.registry import build_benchmark
+    from piece_cl.benchmarks.registry import build_benchmark
     from piece_cl.evaluation.evaluate import evaluate_task
     from piece_cl.models.loading import load_model
 

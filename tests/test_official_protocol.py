@@ -8,11 +8,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from piece_cl.benchmarks.registry import Task
+from piece_cl.benchmarks.trace import TRACE_TASKS
 from piece_cl.cli import CONFIG_DIR
 from piece_cl.data.authors_importance import batch_size_for_task, encode_like_authors, importance_features
 from piece_cl.data.collate import encode_all
-from piece_cl.data.registry import Task
-from piece_cl.data.trace import TRACE_TASKS
 from piece_cl.errors import PieceError
 from piece_cl.methods import piece as piece_module
 from piece_cl.methods.base import StageContext, build_method

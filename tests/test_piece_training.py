@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.conftest import compose_config
-from piece_cl.data.registry import Task
+from piece_cl.benchmarks.registry import Task
 from piece_cl.methods.base import StageContext, build_method
 from piece_cl.training.engine import TorchEngine
 from piece_cl.training.sparse import AdamSettings, SparseMaskedAdam

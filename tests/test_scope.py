@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from piece_cl.data.registry import Task
+from piece_cl.benchmarks.registry import Task
 from piece_cl.methods.base import METHOD_MODULES
 from piece_cl.models.families import MULTIMODAL_FAMILIES, build_tiny
 from piece_cl.importance import DEFAULT_EXCLUDE, eligible_parameters

@@ -69,7 +69,7 @@ class StageContext:
     """Everything a method may look at during one stage (task) of the sequence."""
 
     t: int
-    task: Any  # data.registry.Task
+    task: Any  # benchmarks.registry.Task
     tasks_seen: list
     model: nn.Module
     tokenizer: Any

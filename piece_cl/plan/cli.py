@@ -43,6 +43,8 @@ def split_plan_args(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def device_gb(stated: str | None) -> tuple[float, str]:
+    from piece_cl.plan.report import visible_device_gb
+
     if stated is not None:
         try:
             value = float(stated)

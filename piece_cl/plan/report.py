@@ -93,7 +93,8 @@ def fit_warning(cfg, capacity_gb: float) -> str | None:
 
 
 def visible_device_gb() -> float | None:
-    """GPU 0's memory in GB, None without CUDA (here, not in plan/cli.py: run.py imports this module)."""
+    """The first visible GPU's memory in GB, None without one (here, not in plan/cli.py: run.py imports
+    this module, and the CLI imports piece_cl.cli, which imports run.py)."""
     import torch
 
     if torch.cuda.is_available():
@@ -108,7 +109,6 @@ def warn_if_unfit(cfg, log) -> None:
     a CPU run without it is not planned (host memory is not what the plan predicts).
     """
     import logging
-
 
     stated = (cfg.get("plan") or {}).get("device_memory_gb")
     on_gpu = str(cfg.trainer.get("device", "auto")) in ("auto", "cuda")
