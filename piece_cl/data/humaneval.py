@@ -43,4 +43,5 @@ def build_humaneval_probe(cfg: Any) -> "CodeProbe":
         max_new_tokens=int(probe_cfg.get("max_new_tokens") or 128),
         timeout=float(probe_cfg.get("timeout") or 5.0),
         style=str(probe_cfg.get("style") or "authors"),
+        allow_weaker_sandbox=bool(probe_cfg.get("allow_weaker_sandbox", False)),
     )

@@ -158,5 +158,6 @@ def build_tiny_benchmark(cfg) -> Benchmark:
         problems=mini_humaneval.probe_problems(bench.probe.n_problems, seed=bench.seed),
         max_new_tokens=bench.probe.max_new_tokens,
         timeout=bench.probe.timeout,
+        allow_weaker_sandbox=bool(bench.probe.get("allow_weaker_sandbox", False)),
     )
     return Benchmark(name=bench.name, tasks=tasks, probe=probe)
