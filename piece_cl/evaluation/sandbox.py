@@ -35,6 +35,7 @@ STARTUP_GRACE_S = 1.0  # interpreter start and confinement, on top of the progra
 OUTPUT_LIMIT_MB = 8  # captured output, and the size of the work directory (tmpfs) / of any file written
 DETAIL_CHARS = 2000
 COMPILE_ERROR = b"compile-error"
+PYTHON_GUARD = True  # the interpreter-level layer; tests switch it off to show the kernel alone holds
 CPU_KILLS = {128 + signal.SIGXCPU, 128 + signal.SIGKILL, -signal.SIGXCPU, -signal.SIGKILL}
 # What each kernel feature protects, named in the refusal when it is missing.
 FEATURES = {
@@ -168,7 +169,7 @@ class _Run:
         self.settings = {"features": list(features), "parent_pid": os.getpid(),
                          "cpu_seconds": math.ceil(timeout) + 1, "memory_mb": memory_mb,
                          "file_mb": OUTPUT_LIMIT_MB, "landlock_abi": _sandbox_kernel.landlock_abi(),
-                         "work_dir": work_dir}
+                         "work_dir": work_dir, "python_guard": PYTHON_GUARD}
         self.item = item
 
     def _pipe(self) -> tuple[int, int]:
