@@ -1,4 +1,5 @@
-# Two entry points (README): `make run` runs the embedded default, `make test` runs the suite.
+# Two entry points (README): `make run` runs the embedded default, `make test` runs the suite
+# (`make test-fast` skips the slow and 2-process tests while developing).
 # Both create .venv idempotently with pinned dependencies; the stamp file re-installs when the pins change.
 PY        ?= python3
 VENV      ?= .venv
@@ -8,7 +9,7 @@ STAMP     := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 ARGS      ?=
 
-.PHONY: run test install clean-venv
+.PHONY: run test test-fast install clean-venv
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +24,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -x -q $(ARGS)
+
+# For development: everything but the end-to-end runs (slow) and the 2-rank DeepSpeed tests (distributed),
+# markers registered in pyproject.toml. `make test` stays the full suite.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -x -q -m "not slow and not distributed" $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

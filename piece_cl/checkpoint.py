@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
+from piece_cl.errors import PieceError
 from piece_cl.io import writing
 
 CHECKPOINTS = "checkpoint"
@@ -68,11 +69,29 @@ def save_stage_state(run_dir: Path, t: int, model, method, engine) -> None:
         (tmp / "engine.json").write_text(json.dumps({"global_step": engine.global_step}))
 
 
+@contextmanager
+def reading(path: Path, advice: str) -> Iterator[None]:
+    """A resume-state file that cannot be read (truncated, garbage, missing) becomes one line: which file,
+    what went wrong, and `advice` (which stage can still be resumed, or how to restart)."""
+    try:
+        yield
+    except PieceError:
+        raise
+    except (Exception, RecursionError) as err:  # safetensors, pickle, json, OSError, KeyError, size mismatch...
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise PieceError(f"{path} is unreadable ({detail}); {advice}") from None
+
+
 def load_stage_state(run_dir: Path, t: int, model, method, engine) -> None:
     path = stage_checkpoint(run_dir, t)
-    method.load_state_dict(torch.load(path / "method.pt", weights_only=False))  # may rebuild adapters first
-    load_model(model, str(path / "model.safetensors"))
-    engine.global_step = json.loads((path / "engine.json").read_text())["global_step"]
+    advice = (f"stage {t + 1}'s checkpoint is the only copy of the trained model, so the run cannot be resumed; "
+              f"its results so far stay in {run_dir / 'results.json'}: start again in a new hydra.run.dir")
+    with reading(path / "method.pt", advice):
+        method.load_state_dict(torch.load(path / "method.pt", weights_only=False))  # may rebuild adapters first
+    with reading(path / "model.safetensors", advice):
+        load_model(model, str(path / "model.safetensors"))
+    with reading(path / "engine.json", advice):
+        engine.global_step = int(json.loads((path / "engine.json").read_text())["global_step"])
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

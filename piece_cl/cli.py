@@ -11,19 +11,28 @@ import importlib.metadata
 import importlib.resources
 import os
 import platform
-import shutil
+import errno
+import re
 import sys
+import time
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from piece_cl.errors import PieceError
 from piece_cl.io import disk_full_errno
+from piece_cl.schema import flatten_config, validate_config
 
 CONFIG_DIR = Path(str(importlib.resources.files("piece_cl.configs")))
-GROUPS = ("model", "benchmark", "method", "optimizer", "trainer", "eval", "protocol", "paths", "experiment")
+GROUPS = ("model", "benchmark", "method", "optimizer", "trainer", "eval", "protocol", "paths", "experiment", "logger")
+STARTED = time.time()  # before Hydra makes this attempt's run directory (rundir.created_by_this_attempt)
+DENIED_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+FAILED_JOBS: list[str] = []  # multirun: the refused jobs, summarised at the end
 VERSIONED = ("piece-cl", "torch", "transformers", "deepspeed", "peft", "hydra-core", "tokenizers")
 
 
@@ -40,26 +49,21 @@ def check_overrides(argv: list[str]) -> None:
         if key not in GROUPS or value in ("", "null"):
             continue
         known = config_options(key)
-        for choice in value.split(","):
-            if choice.startswith(("range(", "choice(", "glob(")):
+        for choice in value.strip("[]").split(","):  # logger=[tensorboard,wandb] selects several
+            if not choice or choice.startswith(("range(", "choice(", "glob(")):
                 continue
             if choice not in known:
                 raise PieceError(f"unknown {key} '{choice}'; known: {', '.join(known)}")
 
 
 def validate(cfg: DictConfig) -> None:
-    """Refuse values that would waste a job, each with the key to fix."""
-    checks = [
-        (float(cfg.optimizer.lr) > 0, f"optimizer.lr must be positive, got {cfg.optimizer.lr}"),
-        (int(cfg.trainer.epochs) > 0, f"trainer.epochs must be positive, got {cfg.trainer.epochs}"),
-        (int(cfg.trainer.batch_size) > 0, f"trainer.batch_size must be positive, got {cfg.trainer.batch_size}"),
-        (int(cfg.trainer.micro_batch_size) > 0, f"trainer.micro_batch_size must be positive, got {cfg.trainer.micro_batch_size}"),
-    ]
-    if "ratio" in cfg.method:
-        checks.append((0 < float(cfg.method.ratio) <= 1, f"method.ratio must be in (0, 1], got {cfg.method.ratio}"))
-    for ok, message in checks:
-        if not ok:
-            raise PieceError(message)
+    """Refuse values that would waste a job or record a wrong number, each with the key to fix.
+
+    Types and ranges come from the one table in schema.py; what only a method knows (its trainer
+    needs) from the method.
+    """
+
+    validate_config(cfg)
     from piece_cl.methods.base import build_method
 
     build_method(cfg.method).check_trainer(cfg.trainer)
@@ -76,18 +80,10 @@ def library_versions() -> dict[str, str]:
 
 
 # Keys that may change between a run and its resumption.
-VOLATILE = ("resume", "verbose", "run_dir", "world_size", "distributed", "versions", "overrides",
+VOLATILE = ("resume", "verbose", "logger", "run_dir", "world_size", "distributed", "versions", "overrides",
             "trainer.nproc_per_node", "trainer.master_port", "trainer.nnodes", "trainer.node_rank",
-            "trainer.rdzv_endpoint", "trainer.rdzv_id")
-
-
-def _flatten(node, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        out = {}
-        for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): node}
+            "trainer.rdzv_endpoint", "trainer.rdzv_id",
+            "model.paper_name", "method.paper_name", "protocol.name")  # display names (protocol.name: older runs)
 
 
 def config_difference(old: dict, new: dict) -> str | None:
@@ -95,43 +91,12 @@ def config_difference(old: dict, new: dict) -> str | None:
     def kept(key: str) -> bool:
         return key.split(".")[0] not in VOLATILE and ".".join(key.split(".")[:2]) not in VOLATILE
 
-    a = {k: v for k, v in _flatten(old).items() if kept(k)}
-    b = {k: v for k, v in _flatten(new).items() if kept(k)}
+    a = {k: v for k, v in flatten_config(old).items() if kept(k)}
+    b = {k: v for k, v in flatten_config(new).items() if kept(k)}
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
             return f"{key}: {a.get(key, '<unset>')} in the run, {b.get(key, '<unset>')} now"
     return None
-
-
-def check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
-    """True when the run directory already holds a finished run that resume=true asked to show.
-
-    A directory holding an unfinished run with the same config is continued (resume); a finished run is
-    never overwritten; a different config is refused.
-    """
-    config_file, results_file = run_dir / "config.yaml", run_dir / "results.json"
-    if not results_file.exists():
-        if config_file.exists():
-            _check_same_config(cfg, run_dir)
-        return False
-    import json
-
-    finished = json.loads(results_file.read_text() or "{}")
-    if finished.get("stages_done") is not None and finished["stages_done"] == len(finished.get("tasks", [None])):
-        if cfg.resume:
-            return True
-        raise PieceError(f"{run_dir} already holds a finished run; choose another hydra.run.dir")
-    if not config_file.exists():
-        raise PieceError(f"{run_dir} holds results.json but no config.yaml; refusing to guess what it was")
-    _check_same_config(cfg, run_dir)
-    return False
-
-
-def _check_same_config(cfg: DictConfig, run_dir: Path) -> None:
-    stored = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    difference = config_difference(stored, OmegaConf.to_container(cfg, resolve=True))
-    if difference:
-        raise PieceError(f"{run_dir} holds a run with a different config ({difference}); choose another hydra.run.dir")
 
 
 def write_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -159,47 +124,117 @@ def disk_full_message(err: BaseException, code: int, run_dir: Path) -> str:
     return f"no space left on device while writing {target} ({os.strerror(code)}); {advice}"
 
 
-def fail(message: str) -> None:
+def environment_message(err: BaseException) -> str | None:
+    """One line for a file the operating system refused (permissions, read-only filesystem), naming it."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DENIED_ERRNOS:
+            target = err.filename or "a file"
+            return (f"cannot write or read {target} ({os.strerror(err.errno)}); make it writable, or point the key "
+                    "that names it (paths.output_root, hydra.run.dir, paths.cache_dir, paths.*_root) elsewhere")
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def refusal(err: BaseException, run_dir: Path) -> str | None:
+    """The one line for an error the user can fix, or None for a bug (shown with its traceback)."""
+    if isinstance(err, PieceError):
+        return str(err)
+    code = disk_full_errno(err)
+    if code is not None:
+        return disk_full_message(err, code, run_dir)
+    return environment_message(err)
+
+
+def interrupted_message(run_dir: Path) -> str:
+    from piece_cl.rundir import holds_committed_work
+
+    if run_dir.is_dir() and holds_committed_work(run_dir):
+        return f"interrupted; rerun the same command with hydra.run.dir={run_dir} to resume"
+    return "interrupted before anything was committed; rerun the same command to start again"
+
+
+def hydra_message(text: str) -> str:
+    """Hydra's multi-line composition errors as one line (an unknown key gets its fix)."""
+    unknown = re.search(r"Could not override '([^']+)'", text)
+    if unknown and ("not in struct" in text or "To append to your config" in text):
+        key = unknown.group(1)
+        return f"unknown config key '{key}'; check its spelling (a new key is added with +{key}=...)"
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line.strip().startswith(("full_key:", "object_type", "reference_type", "Set the env"))]
+    return " ".join(lines)
+
+
+def fail(message: str, code: int = 2) -> None:
     print(f"piece-run: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
+
+
+def report_refusal(message: str) -> None:
+    """Exit with the line; in a multirun, print it, remember the job and let the sweep go on."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        fail(message)
+    job = f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task) or 'defaults'})"
+    print(f"piece-run: error: {job}: {message}", file=sys.stderr)
+    FAILED_JOBS.append(job)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _main(cfg: DictConfig) -> None:
+    from piece_cl.rundir import RunDirLock, created_by_this_attempt, remove_if_ours
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.trainer.engine == "deepspeed" and _joins_first_node(cfg):
         return
-    existed = (run_dir / "results.json").exists()
+    ours = created_by_this_attempt(run_dir, STARTED)
     try:
-        validate(cfg)
-        from piece_cl.progress import console
-        from piece_cl.results import load_results
-        from piece_cl.run import run
-
-        if check_run_dir(cfg, run_dir):
-            console.print(f"{run_dir} is already finished; nothing to resume")
-            console.print(load_results(run_dir).matrix_text())
-            return
-        write_config(cfg, run_dir)
-
-        console.print(f"[bold]piece-run[/] {cfg.run_name} -> {run_dir}")
-        if cfg.trainer.engine == "deepspeed":  # ranks read config.yaml; none of them runs Hydra
-            from piece_cl.launch import launch
-
-            results = launch(cfg, run_dir)
-        else:
-            results = run(cfg, run_dir)
-        console.print(results.matrix_text())
-        print(f"results: {run_dir / 'results.json'}")
+        lock = RunDirLock(run_dir).__enter__()
+    except PieceError as err:  # another attempt owns the directory: touch nothing in it
+        report_refusal(str(err))
+        return
+    try:
+        _attempt(cfg, run_dir)
+    except KeyboardInterrupt:
+        remove_if_ours(run_dir, ours)
+        fail(interrupted_message(run_dir), code=130)
     except Exception as err:
-        disk_full = None if isinstance(err, PieceError) else disk_full_errno(err)
-        if not isinstance(err, PieceError) and disk_full is None:
+        message = refusal(err, run_dir)
+        if message is None:
             raise
-        if not existed and not (run_dir / "results.json").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing finished: leave nothing that looks like a run
+        remove_if_ours(run_dir, ours)  # only an empty directory this attempt made; never a user's or a killed run's
         if cfg.verbose:
             raise
-        fail(str(err) if disk_full is None else disk_full_message(err, disk_full, run_dir))
+        report_refusal(message)
+    finally:
+        lock.__exit__()
+
+
+def _attempt(cfg: DictConfig, run_dir: Path) -> None:
+    """Validate everything, then (and only then) write config.yaml, then run or resume."""
+    from piece_cl.rundir import check_run_dir
+
+    validate(cfg)
+    from piece_cl.progress import console
+    from piece_cl.results import load_results
+    from piece_cl.run import run
+
+    if check_run_dir(cfg, run_dir, config_difference):
+        console.print(f"{run_dir} is already finished; nothing to resume")
+        console.print(load_results(run_dir).matrix_text())
+        return
+    write_config(cfg, run_dir)
+
+    console.print(f"[bold]piece-run[/] {cfg.run_name} -> {run_dir}")
+    if cfg.trainer.engine == "deepspeed":  # ranks read config.yaml; none of them runs Hydra
+        from piece_cl.launch import launch
+
+        results = launch(cfg, run_dir)
+    else:
+        results = run(cfg, run_dir)
+    console.print(results.matrix_text())
+    print(f"results: {run_dir / 'results.json'}")
 
 
 def _joins_first_node(cfg: DictConfig) -> bool:
@@ -218,11 +253,27 @@ def _joins_first_node(cfg: DictConfig) -> bool:
 
 
 def main() -> None:
+    global STARTED
+    STARTED = time.time()
+    FAILED_JOBS.clear()
     try:
         check_overrides(sys.argv[1:])
     except PieceError as err:
         fail(str(err))
-    _main()
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # composition errors reach us whole, to be said in one line
+    try:
+        _main()
+    except KeyboardInterrupt:
+        fail("interrupted before the run started; nothing was written", code=130)
+    except (HydraException, OmegaConfBaseException) as err:
+        fail(hydra_message(str(err)))
+    except OSError as err:  # Hydra making a run directory under a read-only output root
+        message = environment_message(err)
+        if message is None:
+            raise
+        fail(message)
+    if FAILED_JOBS:
+        fail(f"{len(FAILED_JOBS)} job(s) of the multirun were refused: {'; '.join(FAILED_JOBS)}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from piece_cl.errors import PieceError
 from piece_cl.evaluation.metrics import ap, bwt, op
 from piece_cl.io import atomic_write_json, atomic_write_text
 
@@ -86,11 +87,17 @@ class RunResults:
             f"| {t + 1} | {d['OP'][t]:.2f} | {d['BWT'][t]:.2f} | {d['AP'][t]:.2f} |" for t in range(len(self.R)))
         return (f"# {self.run}\n\nmodel `{self.model}`, method `{self.method}`, benchmark `{self.benchmark}` — {status}\n\n"
                 f"## R matrix (row: after learning the task; column: score on the task, 0–100)\n\n"
-                + "\n".join(rows) + f"\n\nProbe: `{self.probe_name}`.\n\n## Summary (NOTES §2: BWT divides by t)\n\n"
+                + "\n".join(rows) + f"\n\nProbe: `{self.probe_name}`.\n\n## Summary (paper notes §2: BWT divides by t)\n\n"
                 + summary + "\n")
 
 
 def load_results(run_dir: Path) -> RunResults | None:
     """The committed results of a run directory, or None when no stage has been committed."""
     path = run_dir / "results.json"
-    return RunResults.from_dict(json.loads(path.read_text())) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return RunResults.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as err:
+        raise PieceError(f"{path} is corrupted ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                         "restore it from a copy, or start again in a new hydra.run.dir") from None

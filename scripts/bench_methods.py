@@ -41,15 +41,17 @@ def measure(name: str) -> tuple[float, float, float]:
     tasks = [kit.task(n, 32) for n in ("a", "b", "c")]
     for t in range(2):
         runner.stage(t, tasks)
-    ctx = runner.context(2, tasks)
-    method.before_task(ctx)
-    records = method.train_records(ctx)
-    start = time.perf_counter()
-    stats = runner.engine.fit(ctx, method, records, 1, runner.factory)
-    per_step = (time.perf_counter() - start) / stats["steps"]
-    start = time.perf_counter()
-    method.after_task(ctx)
-    after = time.perf_counter() - start
+    clock: dict[str, float] = {}
+
+    def before_fit(ctx) -> None:
+        clock["fit"] = time.perf_counter()
+
+    def after_fit(ctx, stats) -> None:
+        clock["per_step"] = (time.perf_counter() - clock["fit"]) / stats["steps"]
+        clock["after"] = time.perf_counter()
+
+    runner.stage(2, tasks, before_fit=before_fit, after_fit=after_fit)  # run.py's stage: before_task -> fit -> after_task
+    per_step, after = clock["per_step"], time.perf_counter() - clock["after"]
     trainable = sum(p.numel() for _, p in method.trainable(runner.engine.model))
     teacher = size if name == "lwf" else 0
     held = (tensor_entries(method.state_dict()) + teacher + 2 * trainable) / size

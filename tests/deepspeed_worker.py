@@ -26,13 +26,15 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from piece_cl.cli import CONFIG_DIR
+from piece_cl.benchmarks.tiny import build_task
 from piece_cl.data import tiny_tasks
-from piece_cl.methods.base import StageContext, build_method
+from piece_cl.methods.base import build_method
 from piece_cl.models.tiny import build_tiny_model, build_tokenizer
-from piece_cl.training.engine import build_engine
+from piece_cl.run import stage_context, train_stage
+from piece_cl.training.build import build_engine
 
 TASKS = ("tiny_choice", "tiny_number")
-BASE = ["trainer.micro_batch_size=2", "model.batch_size=8", "model.epochs=1", "trainer.shuffle=true",
+BASE = ["seed=0", "trainer.micro_batch_size=2", "model.batch_size=8", "model.epochs=1", "trainer.shuffle=true",
         "model.arch.hidden_size=32", "model.arch.intermediate_size=64", "model.arch.num_hidden_layers=2",
         "model.arch.num_attention_heads=2", "model.arch.num_key_value_heads=2", "model.lr=1e-3"]
 # MIGU's 0.1% of ~900 rows of this model is no row at all
@@ -91,31 +93,33 @@ def run_method(name: str, cfg, tokenizer, factory, scratch: Path) -> dict:
     evidence: dict = {}
     if name == "gem":
         watch_gem(method, evidence)
-    tasks = [tiny_tasks.build_task(task, 24, 4, 4, seed=0) for task in TASKS]
+    tasks = [build_task(task, 24, 4, 4, seed=0) for task in TASKS]
     before = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
     stats, masks, stages, fit_seconds, step_seconds = [], [], [], 0.0, []
     for t, task in enumerate(tasks):
-        stage_dir = scratch / f"{name}_rank{engine.rank}_stage{t}"
-        stage_dir.mkdir()
-        ctx = StageContext(t=t, task=task, tasks_seen=tasks[: t + 1], model=engine.model, tokenizer=tokenizer,
-                           engine=engine, cfg=cfg, stage_dir=stage_dir, seed=0, log=lambda *_: None)
-        ctx.fit = lambda records, epochs=None, _ctx=ctx: engine.fit(_ctx, method, records, epochs or 1, factory)
-        method.before_task(ctx)
-        masks.append({k: v.clone() for k, v in getattr(method, "masks", {}).items()})  # PIECE's selections
-        records = method.train_records(ctx)
-        started = clock = time.perf_counter()
+        ctx = stage_context(cfg, t, tasks, engine, method, factory, scratch / f"{name}_rank{engine.rank}_stage{t}",
+                            log=lambda *_: None)
+        clock = started = 0.0
+        first = engine.global_step + 1
 
-        def on_step(step: int, first: int = engine.global_step + 1) -> None:
+        def before_fit(ctx) -> None:
+            nonlocal clock, started
+            masks.append({k: v.clone() for k, v in getattr(method, "masks", {}).items()})  # PIECE's selections
+            started = clock = time.perf_counter()
+
+        def on_step(step: int) -> None:
             nonlocal clock
             if step > first:  # the first step of a fit also pays for wrapping the model (deepspeed.initialize)
                 step_seconds.append(time.perf_counter() - clock)
             clock = time.perf_counter()
 
-        stats.append({**engine.fit(ctx, method, records, int(cfg.trainer.epochs), factory, on_step=on_step),
-                      "records": len(records)})
-        fit_seconds += time.perf_counter() - started
-        stages.append(stage_evidence(name, method, ctx))
-        method.after_task(ctx)
+        def after_fit(ctx, fit_stats: dict) -> None:  # before after_task moves EWC's anchor, drops LwF's teacher
+            nonlocal fit_seconds
+            stats.append({**fit_stats, "records": len(method.train_records(ctx))})
+            fit_seconds += time.perf_counter() - started
+            stages.append(stage_evidence(name, method, ctx))
+
+        train_stage(ctx, method, factory, on_step=on_step, before_fit=before_fit, after_fit=after_fit)
     evidence.update(gem_projections=getattr(method, "projections", None), global_step=engine.global_step)
     return {"before": before, "after": {k: v.detach().clone() for k, v in engine.model.state_dict().items()},
             "stats": stats, "masks": masks, "stages": stages, "evidence": evidence, "world_size": engine.world_size,

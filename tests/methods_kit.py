@@ -1,4 +1,4 @@
-"""A tiny Llama, a tiny tokenizer and a short run of the loop's hooks, for the methods' property tests."""
+"""A tiny Llama, a tiny tokenizer and run.py's stage functions without evaluation, for the methods' property tests."""
 from __future__ import annotations
 
 import functools
@@ -8,9 +8,10 @@ import torch
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from piece_cl.data.registry import Task
+from piece_cl.benchmarks.registry import Task
 from piece_cl.methods.base import StageContext, build_method
 from piece_cl.models.tiny import build_tokenizer
+from piece_cl.run import stage_context, train_stage
 from piece_cl.training.engine import TorchEngine
 
 WORDS = "alpha beta gamma delta red green blue one two three yes no".split()
@@ -47,14 +48,11 @@ def config(**trainer):
     return OmegaConf.create({"seed": 7, "trainer": settings})
 
 
-def method(name: str, **overrides):
-    """The method as configured in configs/method/<name>.yaml (paper protocol), with `overrides`."""
-    from hydra import compose, initialize_config_dir
+def method(name: str, protocol: str = "paper", **overrides):
+    """The method as configured in configs/method/<name>.yaml under `protocol`, with `overrides`."""
+    from tests.conftest import compose_config
 
-    from piece_cl.cli import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"method={name}"] + [f"method.{k}={v}" for k, v in overrides.items()])
+    cfg = compose_config([f"method={name}", f"protocol={protocol}"] + [f"method.{k}={v}" for k, v in overrides.items()])
     node = OmegaConf.create(OmegaConf.to_container(cfg.method, resolve=True))
     return build_method(node)
 
@@ -64,7 +62,7 @@ def optimizer_factory(lr: float = 1e-2, weight_decay: float = 0.0):
 
 
 class Runner:
-    """The loop of run.py without evaluation: setup once, then before_task -> fit -> after_task per task."""
+    """run.py's stages without evaluation: setup once, then `train_stage` (before_task -> fit -> after_task)."""
 
     def __init__(self, method, net, tmp_path: Path, factory=None, **trainer):
         self.method = method
@@ -73,24 +71,22 @@ class Runner:
         self.factory = factory or optimizer_factory()
         self.tmp_path = Path(tmp_path)
         self.fitted: list[list[dict]] = []  # records of every fit call, in order
+        fit = self.engine.fit
+
+        def recording_fit(ctx, method, records, *args, **kwargs):
+            self.fitted.append(list(records))
+            return fit(ctx, method, records, *args, **kwargs)
+
+        self.engine.fit = recording_fit
 
     def context(self, t: int, tasks: list[Task]) -> StageContext:
-        stage_dir = self.tmp_path / f"stage_{t}"
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        ctx = StageContext(t=t, task=tasks[t], tasks_seen=tasks[: t + 1], model=self.engine.model, tokenizer=tokenizer(),
-                           engine=self.engine, cfg=self.cfg, stage_dir=stage_dir, seed=int(self.cfg.seed), log=lambda m: None)
-        ctx.fit = lambda recs, epochs=None: self._fit(ctx, recs, epochs)
-        return ctx
+        return stage_context(self.cfg, t, tasks, self.engine, self.method, self.factory, self.tmp_path / f"stage_{t}",
+                             log=lambda m: None)
 
-    def _fit(self, ctx, recs, epochs=None):
-        self.fitted.append(list(recs))
-        return self.engine.fit(ctx, self.method, recs, int(epochs or self.cfg.trainer.epochs), self.factory)
-
-    def stage(self, t: int, tasks: list[Task]) -> StageContext:
+    def stage(self, t: int, tasks: list[Task], **hooks) -> StageContext:
+        """One stage through run.train_stage; `hooks`: its before_fit / after_fit / on_step."""
         ctx = self.context(t, tasks)
-        self.method.before_task(ctx)
-        self._fit(ctx, self.method.train_records(ctx))
-        self.method.after_task(ctx)
+        train_stage(ctx, self.method, self.factory, **hooks)
         return ctx
 
 

@@ -13,10 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 TRACE_TASKS = ["C-STANCE", "FOMC", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten", "Py150"]
 VQA_TASKS = ["action", "commonsense", "count"]
+pytestmark = pytest.mark.slow  # two end-to-end runs
 TRAIN, TEST, FLICKR_IMAGES = 20, 10, 4
 COMMON = [f"benchmark.train_size={TRAIN}", f"benchmark.test_size={TEST}", "benchmark.eval_size=8",
           "trainer.loss_curve_every=1", "trainer.loss_curve_samples=4"]

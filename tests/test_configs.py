@@ -3,17 +3,15 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from piece_cl.cli import CONFIG_DIR, GROUPS, config_options
+from piece_cl.cli import GROUPS, config_options
+from tests.conftest import compose_config
 
 CHOICES = [(group, name) for group in GROUPS for name in config_options(group)]
 
 
-def _compose(overrides, hydra=False):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
+_compose = compose_config
 
 
 def test_every_group_has_options():

@@ -5,9 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from piece_cl.cli import CONFIG_DIR
+from tests.conftest import compose_config
 
 pytestmark = pytest.mark.slow
 
@@ -26,12 +25,11 @@ def seqft_run(tmp_path_factory):
 
 
 def untrained_score(task_index: int) -> float:
-    from piece_cl.data.registry import build_benchmark
+    from piece_cl.benchmarks.registry import build_benchmark
     from piece_cl.evaluation.evaluate import evaluate_task
     from piece_cl.models.loading import load_model
 
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=OVERRIDES)
+    cfg = compose_config(OVERRIDES)
     model, tokenizer = load_model(cfg)
     score, _, _ = evaluate_task(model, tokenizer, build_benchmark(cfg).tasks[task_index], cfg.eval)
     return score

@@ -4,7 +4,7 @@ two ranks in one process (the 2-rank end-to-end check is in tests/test_deepspeed
 import pytest
 
 from piece_cl.data import mini_humaneval
-from piece_cl.evaluation import code_probe
+from piece_cl.evaluation import code_probe, generation
 from piece_cl.evaluation.code_probe import CodeProbe
 from piece_cl.evaluation.generation import generate
 from piece_cl.evaluation.sandbox import ExecResult
@@ -44,12 +44,12 @@ def test_two_shards_generate_disjoint_halves_equal_to_one_process(cached_miniatu
 
 def test_each_rank_executes_only_its_share_of_the_programs(monkeypatch):
     problems = mini_humaneval.probe_problems(5)
-    monkeypatch.setattr(code_probe, "generate",
+    monkeypatch.setattr(generation, "generate",
                         lambda model, tokenizer, prompts, **kw: [p["canonical_solution"] for p in problems])
     executed = []
-    real = code_probe.check_programs
-    monkeypatch.setattr(code_probe, "check_programs",
-                        lambda programs, **kw: executed.append(len(programs)) or real(programs, **kw))
+    real = code_probe.check_candidates
+    monkeypatch.setattr(code_probe, "check_candidates",
+                        lambda candidates, **kw: executed.append(len(candidates)) or real(candidates, **kw))
     not_mine = ExecResult(False, "not this rank's", "")
     for shard in shards(2, len(problems), missing=not_mine):
         _, records = CodeProbe("probe", problems, timeout=5.0).evaluate(None, None, {"batch_size": 2}, shard)

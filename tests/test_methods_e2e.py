@@ -3,11 +3,10 @@ after a crash in its second stage with the same results; a multirun over all twe
 import json
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from piece_cl.cli import CONFIG_DIR
+from tests.conftest import compose_config
 from piece_cl.methods.base import METHOD_MODULES
 from piece_cl.run import run
 
@@ -20,9 +19,7 @@ SHORT = ["experiment=smoke", "benchmark.tasks=[tiny_choice,tiny_number]", "bench
          "eval.probe_before=false"]
 
 
-def _compose(overrides):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+_compose = compose_config
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +49,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_embedded_default_runs_fills_the_r_matrix_and_resumes_identically(name, shared_cache, tmp_path, monkeypatch):
     """A full run, then a run that crashes in its second stage and is resumed: the same results.json."""

@@ -2,6 +2,7 @@
 from collections import Counter
 
 import pytest
+import torch
 
 from piece_cl.methods.replay import sample_fraction
 from tests import methods_kit as kit
@@ -45,13 +46,31 @@ def test_replay_trains_an_extra_phase_on_past_tasks_only(tmp_path, three_tasks):
     assert [len(v) for v in method.state_dict()["buffer"].values()] == [2, 2, 2]
 
 
-def test_replay_every_epoch_mixes_the_buffer_into_the_task_instead(tmp_path, three_tasks):
+def test_replay_every_epoch_replays_the_buffer_after_each_epoch_of_the_task(tmp_path, three_tasks):
+    """The authors' schedule: the task's own records each epoch, then a pass over the buffer (after_epoch)."""
     method = kit.method("replay", fraction=0.25, every_epoch=True)
-    runner = kit.Runner(method, kit.model(), tmp_path)
+    runner = kit.Runner(method, kit.model(), tmp_path, epochs=2)
     for t in range(2):
         runner.stage(t, three_tasks)
-    assert len(runner.fitted) == 2 and len(runner.fitted[1]) == 8 + 2
-    assert sum(r in three_tasks[0].train for r in runner.fitted[1]) == 2
+    a, b = three_tasks[0].train, three_tasks[1].train
+    buffer = method.state_dict()["buffer"]["a"]
+    assert runner.fitted == [a, b, buffer, buffer]  # no pass in the first task; one per epoch of the second
+    assert len(buffer) == 2 and all(r in a for r in buffer)
+
+
+def test_official_code_replay_and_replay_online_train_differently(tmp_path, three_tasks):
+    """Defect: under protocol=official_code both replay methods interleaved, so their Table 1 rows were one run."""
+    weights = {}
+    for name in ("replay", "replay_online"):
+        method = kit.method(name, protocol="official_code")
+        runner = kit.Runner(method, kit.model(), tmp_path / name, epochs=2)
+        for t in range(2):
+            runner.stage(t, three_tasks)
+        weights[name] = kit.snapshot(runner.engine.model)
+        weights[name + "_fits"] = [len(records) for records in runner.fitted]
+    assert any(not torch.equal(weights["replay"][n], weights["replay_online"][n]) for n in weights["replay"])
+    assert weights["replay_fits"] == [8, 8, 1, 1]  # the first 10% (>= 1) of task a, after each epoch of b
+    assert weights["replay_online_fits"] == [8, 9]  # mixed into task b's epochs
 
 
 def test_replay_online_gives_every_batch_its_share_of_past_data(tmp_path):

@@ -1,4 +1,4 @@
-"""OP, BWT and AP exactly as NOTES §2 defines them."""
+"""OP, BWT and AP exactly as docs/paper-notes.md §2 defines them."""
 import csv
 
 import pytest
@@ -28,13 +28,13 @@ def test_short_rows_are_rejected():
 
 
 def _paper_rows():
-    with open(ROOT.parent / "shared" / "paper" / "table1.csv") as handle:
+    with open(ROOT / "piece_cl" / "report" / "data" / "table1.csv") as handle:  # the paper's Table 1, packaged
         for row in csv.DictReader(handle):
             if row["method"] != "base":
                 yield row
 
 
-# The three rows whose printed OP is not the mean of their task columns (NOTES §4).
+# The three rows whose printed OP is not the mean of their task columns (docs/paper-notes.md §4).
 INCONSISTENT = {("Gemma2-2B", "LwF"), ("Qwen3-14B", "MIGU"), ("Qwen3-14B", "PIECE-F")}
 
 

@@ -7,8 +7,8 @@ from omegaconf import OmegaConf
 from transformers import LlamaForCausalLM
 
 from piece_cl.data import mini_humaneval, tiny_tasks
-from piece_cl.data.registry import build_benchmark
-from piece_cl.evaluation import code_probe
+from piece_cl.benchmarks.registry import build_benchmark
+from piece_cl.evaluation import generation
 from piece_cl.evaluation.code_probe import CodeProbe, build_program, postprocess_completion
 from piece_cl.evaluation.generation import generate
 from piece_cl.evaluation.sandbox import check_programs
@@ -155,7 +155,7 @@ def test_code_probe_scores_by_executing_tests(monkeypatch):
     # Half right (one with leading newlines and a trailing blank-line tail), half wrong.
     outputs = ["\n" + problems[0]["canonical_solution"] + "\n\nprint('junk')", problems[1]["canonical_solution"],
                "    return 'nope'\n", "    while True:\n        pass\n"]
-    monkeypatch.setattr(code_probe, "generate", lambda model, tokenizer, prompts, **kw: outputs[:len(prompts)])
+    monkeypatch.setattr(generation, "generate", lambda model, tokenizer, prompts, **kw: outputs[:len(prompts)])
     probe = CodeProbe("mini_humaneval_pass@1", problems, max_new_tokens=8, timeout=2.0)
     score, records = probe.evaluate(None, None, OmegaConf.create({"batch_size": 4}))
     assert score == 50.0

@@ -99,12 +99,9 @@ def test_same_seed_same_weights():
 
 
 def _cfg(model: str, **model_overrides):
-    from hydra import compose, initialize_config_dir
+    from tests.conftest import compose_config
 
-    from piece_cl.cli import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=[f"model={model}"])
+    cfg = compose_config([f"model={model}"])
     for key, value in model_overrides.items():
         cfg.model[key] = value
     return cfg

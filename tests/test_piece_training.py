@@ -6,13 +6,12 @@ import random
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from piece_cl.cli import CONFIG_DIR
-from piece_cl.data.registry import Task
+from tests.conftest import compose_config
+from piece_cl.benchmarks.registry import Task
 from piece_cl.methods.base import StageContext, build_method
 from piece_cl.training.engine import TorchEngine
 from piece_cl.training.sparse import AdamSettings, SparseMaskedAdam
@@ -42,8 +41,7 @@ def compose_cfg(overrides, method="piece_s"):
     base = [f"method={method}", "trainer.device=cpu", "trainer.batch_size=8", "trainer.micro_batch_size=4",
             "trainer.max_prompt_len=32", "trainer.max_answer_len=8", "model.epochs=1", "method.lr=1e-2",
             "method.ratio=0.01", "method.importance.samples=12"]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=base + overrides)
+    return compose_config(base + overrides)
 
 
 def tiny_llama(dtype=torch.float32):

@@ -1,24 +1,12 @@
 """Determinism and kill-and-resume on the embedded benchmark (CPU): results.json is byte-identical."""
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_embedded as piece_run
+
 pytestmark = pytest.mark.slow
-
-SHORT = ["experiment=smoke", "benchmark.tasks=[tiny_choice,tiny_number]", "benchmark.probe.n_problems=4"]
-
-
-def piece_run(run_dir, *extra, kill_at=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("PIECE_KILL_AT", None)
-    if kill_at:
-        env["PIECE_KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, "-m", "piece_cl.cli", *SHORT, f"hydra.run.dir={run_dir}", *extra],
-                          env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")

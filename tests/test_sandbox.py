@@ -32,13 +32,15 @@ def area(tmp_path, monkeypatch):
     (outside / "keep.txt").write_text("precious")
     (outside / "tree" / "leaf.txt").write_text("leaf")
     monkeypatch.setattr(tempfile, "tempdir", str(sandboxes))
+    before = {c.pid for c in _live_children()}  # earlier tests' processes are not this sandbox's
     yield outside
     assert (outside / "keep.txt").read_text() == "precious"
     assert (outside / "tree" / "leaf.txt").read_text() == "leaf"
     assert sorted(p.name for p in outside.rglob("*")) == ["keep.txt", "leaf.txt", "tree"]
     assert list(sandboxes.iterdir()) == [], "a sandbox directory was left behind"
     assert _strays(tmp_path) == [], "a sandboxed process outlived its check"
-    assert _live_children() == [], "the test process has children left"
+    left = [c for c in _live_children() if c.pid not in before]
+    assert left == [], f"the test process has children left: {[_describe(c) for c in left]}"
 
 
 def _strays(root: Path | None = None) -> list[psutil.Process]:
@@ -58,6 +60,13 @@ def _strays(root: Path | None = None) -> list[psutil.Process]:
 def _live_children() -> list[psutil.Process]:
     children = psutil.Process().children(recursive=True)
     return [c for c in children if _status(c) not in (None, psutil.STATUS_ZOMBIE)]
+
+
+def _describe(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid} {' '.join(process.cmdline())[:200]}"
+    except psutil.Error:
+        return str(process.pid)
 
 
 def _status(process: psutil.Process) -> str | None:

@@ -1,4 +1,4 @@
-"""The authors' scoring rules (NOTES §3), on hand cases and on real Llama-2-7B outputs shipped with the data."""
+"""The authors' scoring rules (docs/paper-notes.md §3), on hand cases and on real Llama-2-7B outputs shipped with the data."""
 import json
 import random
 

@@ -1,13 +1,14 @@
-"""TRACE and HumanEval loaders on the real shipped files (counts from ../shared/data/README.md)."""
+"""TRACE and HumanEval loaders on the real shipped files (counts from the shipped data README)."""
 import gzip
 import json
 
 import pytest
 from omegaconf import OmegaConf
 
-from piece_cl.data.humaneval import build_humaneval_probe, load_humaneval
-from piece_cl.data.registry import build_benchmark
-from piece_cl.data.trace import TRACE_TASKS, load_trace_task
+from piece_cl.benchmarks.trace import build_humaneval_probe
+from piece_cl.data.humaneval import load_humaneval
+from piece_cl.benchmarks.registry import build_benchmark
+from piece_cl.benchmarks.trace import TRACE_TASKS, load_trace_task
 from piece_cl.errors import PieceError
 from piece_cl.evaluation.code_probe import build_program
 from piece_cl.evaluation.sandbox import check_programs

@@ -6,8 +6,9 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from piece_cl.data.registry import build_benchmark
-from piece_cl.data.vqa import CAPTION_PROMPT, ImageResolver, karpathy_test_records, load_vqa_task
+from piece_cl.benchmarks.registry import build_benchmark
+from piece_cl.benchmarks.vqa import load_vqa_task
+from piece_cl.data.vqa import CAPTION_PROMPT, ImageResolver, karpathy_test_records
 from piece_cl.errors import PieceError
 from piece_cl.evaluation import scorers
 
@@ -109,7 +110,8 @@ def test_caption_probe_scores_generations(shared_data, roots, monkeypatch):
     import piece_cl.evaluation.generation as generation
 
     coco, flickr = roots
-    probe = build_benchmark(vqa_cfg(shared_data, coco, flickr, tasks=["action"])).probe
+    probe = build_benchmark(vqa_cfg(shared_data, coco, flickr, tasks=["action"],
+                                     probe={"name": "f30k", "max_new_tokens": 128, "n_problems": 3})).probe
     seen = {}
 
     def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size=16, images=None, **_):
@@ -119,4 +121,5 @@ def test_caption_probe_scores_generations(shared_data, roots, monkeypatch):
     monkeypatch.setattr(generation, "generate", fake_generate)
     value, items = probe.evaluate(None, None, {"batch_size": 2})
     assert value == pytest.approx(100 * 2 / 3, abs=1e-4)
+    assert probe.name == "f30k"  # benchmark.probe.name
     assert seen["images"] == [r["image"] for r in probe.records] and len(items) == 3

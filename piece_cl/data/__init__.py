@@ -1,1 +1,1 @@
-
+"""Records: read from files or generated, checked, and encoded for training. Knows no benchmark or scorer."""

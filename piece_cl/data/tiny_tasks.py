@@ -1,20 +1,15 @@
-"""The miniature's benchmark: four synthetic tasks in TRACE's `{"prompt", "answer"}` format and a
-mini-HumanEval probe.
+"""Records of the miniature's four synthetic tasks, in TRACE's `{"prompt", "answer"}` format.
 
-Each task mirrors one kind of TRACE task, with its prompt style and metric: letter-choice
-classification (FOMC), a number-answer word problem (NumGLUE), a rewrite scored by BLEU/ROUGE-L
-(MeetingBank, 20Minuten) and a code-line continuation scored by edit similarity (Py150).
-Everything is generated from `benchmark.seed`; train, eval and test never share a prompt.
+Each generator mirrors one kind of TRACE task's prompt style: letter-choice classification (FOMC),
+a number-answer word problem (NumGLUE), a rewrite (MeetingBank, 20Minuten) and a code-line
+continuation (Py150). The tasks' metrics and budgets are the benchmark's (benchmarks/tiny.py).
 """
 from __future__ import annotations
 
 import random
 from typing import Callable
 
-from piece_cl.data import mini_humaneval
-from piece_cl.data.registry import Benchmark, Task, register_benchmark
 from piece_cl.errors import PieceError
-from piece_cl.evaluation.code_probe import CodeProbe
 
 Record = dict[str, str]
 
@@ -104,60 +99,33 @@ def _codeline(rng: random.Random) -> Record:
     return {"prompt": header + context, "answer": line}
 
 
-# name -> (record generator, metric, max_new_tokens)
-TASKS: dict[str, tuple[Callable[[random.Random], Record], str, int]] = {
-    "tiny_choice": (_choice, "choice", 4),
-    "tiny_number": (_number, "number", 6),
-    "tiny_rewrite": (_rewrite, "bleu_rouge", 24),
-    "tiny_codeline": (_codeline, "edit_sim", 20),
+# name -> record generator, in the benchmark's default order (the tokenizer corpus follows it)
+GENERATORS: dict[str, Callable[[random.Random], Record]] = {
+    "tiny_choice": _choice,
+    "tiny_number": _number,
+    "tiny_rewrite": _rewrite,
+    "tiny_codeline": _codeline,
 }
 
 
-def _unique_records(generator: Callable[[random.Random], Record], n: int, rng: random.Random) -> list[Record]:
-    """`n` records with distinct prompts, so that splits cut from them are disjoint."""
+def unique_records(name: str, n: int, seed: int) -> list[Record]:
+    """`n` records of task `name` with distinct prompts (drawn from `seed`), so that splits cut from them
+    are disjoint."""
+    if name not in GENERATORS:
+        raise PieceError(f"unknown tiny task '{name}'; known: {', '.join(GENERATORS)}")
+    generator, rng = GENERATORS[name], random.Random(f"{seed}/{name}")
     records: dict[str, Record] = {}
     for _ in range(50 * n):
         record = generator(rng)
         records.setdefault(record["prompt"], record)
         if len(records) == n:
             return list(records.values())
-    raise PieceError(f"cannot draw {n} distinct records from {generator.__name__[1:]}; lower the split sizes")
-
-
-def build_task(name: str, train_size: int, eval_size: int, test_size: int, seed: int) -> Task:
-    if name not in TASKS:
-        raise PieceError(f"unknown tiny task '{name}'; known: {', '.join(TASKS)}")
-    generator, metric, max_new_tokens = TASKS[name]
-    rng = random.Random(f"{seed}/{name}")
-    records = _unique_records(generator, train_size + eval_size + test_size, rng)
-    return Task(
-        name=name,
-        metric=metric,
-        train=records[:train_size],
-        eval=records[train_size:train_size + eval_size],
-        test=records[train_size + eval_size:],
-        max_new_tokens=max_new_tokens,
-    )
+    raise PieceError(f"cannot draw {n} distinct records from {name[len('tiny_'):]}; lower the split sizes")
 
 
 def tokenizer_corpus(per_task: int = 300) -> list[str]:
     """Text of every tiny task (fixed seed: the word pools, not the draw, decide the vocabulary), for
     the miniature's tokenizer, which is trained before any benchmark is built."""
     rng = random.Random("tokenizer-corpus")
-    return [r["prompt"] + " " + r["answer"] for generator, _, _ in TASKS.values() for r in
+    return [r["prompt"] + " " + r["answer"] for generator in GENERATORS.values() for r in
             (generator(rng) for _ in range(per_task))]
-
-
-@register_benchmark("tiny")
-def build_tiny_benchmark(cfg) -> Benchmark:
-    """The embedded default: the tasks of `cfg.benchmark.tasks` in order, and mini-HumanEval as probe."""
-    bench = cfg.benchmark
-    tasks = [build_task(name, bench.train_size, bench.eval_size, bench.test_size, bench.seed) for name in bench.tasks]
-    probe = CodeProbe(
-        name=f"{bench.probe.name}_pass@1",
-        problems=mini_humaneval.probe_problems(bench.probe.n_problems, seed=bench.seed),
-        max_new_tokens=bench.probe.max_new_tokens,
-        timeout=bench.probe.timeout,
-        allow_weaker_sandbox=bool(bench.probe.get("allow_weaker_sandbox", False)),
-    )
-    return Benchmark(name=bench.name, tasks=tasks, probe=probe)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from piece_cl.evaluation.generation import generate
+from piece_cl.evaluation.generation import generate_for_eval
 from piece_cl.evaluation.sandbox import Candidate, check_candidates, sandbox_features
 from piece_cl.evaluation.sharding import Shard
 
@@ -17,7 +17,7 @@ STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 def postprocess_completion(text: str, style: str = "authors") -> str:
     """The function body to execute from a raw completion.
 
-    "authors" (NOTES §3): strip leading newlines, then cut at the first blank line.
+    "authors" (docs/paper-notes.md §3): strip leading newlines, then cut at the first blank line.
     "stop_sequences": cut at the first lm-evaluation-harness stop sequence.
     """
     if style == "authors":
@@ -41,7 +41,7 @@ def build_candidate(problem: dict, completion: str) -> Candidate:
 
 @dataclass
 class CodeProbe:
-    """A general-ability probe: greedy (or configured) completions, scored by their unit tests."""
+    """A general-ability probe: completions decoded as `eval.*` says, scored by their unit tests."""
 
     name: str
     problems: list[dict]
@@ -61,19 +61,8 @@ class CodeProbe:
         programs; every rank returns the gathered records.
         """
         shard = shard or Shard()
-        raw = generate(
-            model,
-            tokenizer,
-            [p["prompt"] for p in self.problems],
-            max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size or gen_cfg.get("batch_size", 16),
-            do_sample=gen_cfg.get("do_sample", False),
-            top_k=gen_cfg.get("top_k"),
-            top_p=gen_cfg.get("top_p"),
-            temperature=gen_cfg.get("temperature"),
-            seed=gen_cfg.get("seed"),
-            shard=shard,
-        )
+        raw = generate_for_eval(model, tokenizer, [p["prompt"] for p in self.problems], gen_cfg, self.max_new_tokens,
+                                batch_size=self.batch_size, shard=shard, cut_prompts=False)
         completions = [postprocess_completion(text, self.style) for text in raw]
         results = shard.map(
             lambda candidates: check_candidates(candidates, timeout=self.timeout,

@@ -1,7 +1,8 @@
 """Batched generation for evaluation: left padding, KV cache, greedy (deterministic) by default.
 
 Prompts are sorted by length before batching so that a batch wastes little on padding; the
-outputs are returned in the caller's order. Under data parallelism each rank generates its share of
+outputs are returned in the caller's order. `generate_for_eval` is the one reading of the `eval.*`
+settings (sampling, batch size, prompt cut) that tasks and both probes go through. Under data parallelism each rank generates its share of
 those batches (evaluation/sharding.py) and every rank returns all outputs.
 """
 from __future__ import annotations
@@ -87,3 +88,20 @@ def generate(
         model.train(was_training)
     outputs = shard.gather(outputs)
     return [outputs[i] for i in range(len(prompts))]
+
+
+def generate_for_eval(model, tokenizer, prompts: list[str], gen_cfg, max_new_tokens: int, *,
+                      batch_size: int | None = None, images: list[str] | None = None, shard: Shard | None = None,
+                      cut_prompts: bool = True) -> list[str]:
+    """`generate` as the `eval.*` config `gen_cfg` says (greedy, or the authors' sampler), for tasks and probes.
+
+    `batch_size` overrides `eval.batch_size`; `cut_prompts=False` keeps prompts whole whatever
+    `eval.max_prompt_len` says (a probe's problem must be read in full).
+    """
+    return generate(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+        batch_size=int(batch_size or gen_cfg.get("batch_size", 16)),
+        do_sample=bool(gen_cfg.get("do_sample", False)), top_k=gen_cfg.get("top_k"), top_p=gen_cfg.get("top_p"),
+        temperature=gen_cfg.get("temperature"), seed=gen_cfg.get("seed"),
+        max_prompt_len=gen_cfg.get("max_prompt_len") if cut_prompts else None, images=images, shard=shard,
+    )

@@ -1,4 +1,4 @@
-"""Continual-learning summaries of the R matrix, exactly as NOTES §2 defines them.
+"""Continual-learning summaries of the R matrix, exactly as docs/paper-notes.md §2 defines them.
 
 R is lower-triangular: row t holds the scores on tasks 0..t after learning task t (0-based here,
 1-based in the paper). Every summary is a list with one value per stage so curves come for free.

@@ -1,4 +1,4 @@
-"""Task scorers that reproduce the authors' numbers rule for rule (NOTES §3), plus alternatives.
+"""Task scorers that reproduce the authors' numbers rule for rule (docs/paper-notes.md §3), plus alternatives.
 
 Every rule is a per-item score on 0..1 registered by name; a task score is 100 × the mean over
 *all* items (an empty or unparsable output counts as wrong, never as skipped). Text up to the

@@ -1,20 +1,24 @@
 """The method contract and its registry (mammoth/avalanche style: one small file per method).
 
 A method only sees hooks of the loop; it never knows whether a plain-torch or a DeepSpeed engine
-runs it. Gradient edits go through `ctx.engine.get_grad/set_grad`, masks through gradient hooks.
+runs it, and uses only what `training.engine.Engine` declares: gradient edits go through
+`ctx.engine.get_grad/set_grad`, masks and per-micro-batch observers through `ctx.engine.hook_grad`.
 """
 from __future__ import annotations
 
 import importlib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from piece_cl.errors import PieceError
+from piece_cl.scope import out_of_scope
+
+if TYPE_CHECKING:
+    from piece_cl.training.engine import Engine
 
 # Every method the paper compares, mapped to the module that implements it. A module that is missing
 # or broken is reported only when its method is chosen.
@@ -26,8 +30,6 @@ METHOD_MODULES: dict[str, str] = {
     )
 }
 _REGISTRY: dict[str, type["Method"]] = {}
-
-EMBEDDING_PATTERN = re.compile(r"(embed_tokens|wte|wpe|embed_positions|word_embeddings)\.")
 
 
 def register_method(cls: type["Method"]) -> type["Method"]:
@@ -67,11 +69,11 @@ class StageContext:
     """Everything a method may look at during one stage (task) of the sequence."""
 
     t: int
-    task: Any  # data.registry.Task
+    task: Any  # benchmarks.registry.Task
     tasks_seen: list
     model: nn.Module
     tokenizer: Any
-    engine: Any  # training.engine.Engine
+    engine: "Engine"
     cfg: Any  # the whole run config
     stage_dir: Path
     seed: int
@@ -80,7 +82,7 @@ class StageContext:
 
 
 class Method:
-    """Default behaviour = sequential fine-tuning of every non-embedding parameter."""
+    """Default behaviour = sequential fine-tuning of every parameter in scope (piece_cl/scope.py)."""
 
     name: ClassVar[str] = "base"
     # Why the method cannot run under ZeRO-3 (None: it can). ZeRO-3 holds only a shard of each parameter
@@ -111,11 +113,11 @@ class Method:
 
     # -- once ---------------------------------------------------------------------------------
     def setup(self, model: nn.Module) -> nn.Module:
-        """Freeze embeddings (as the authors' runs did); wrap the model if the method needs to."""
-        if self.cfg.get("freeze_embeddings", True):
-            for name, param in model.named_parameters():
-                if EMBEDDING_PATTERN.search(name + "."):
-                    param.requires_grad_(False)
+        """Freeze what is out of scope (piece_cl/scope.py: embeddings, a vision tower and its projector unless
+        the method's config takes them back); wrap the model if the method needs to."""
+        for name, param in model.named_parameters():
+            if out_of_scope(name, self.cfg):
+                param.requires_grad_(False)
         return model
 
     # -- per task -----------------------------------------------------------------------------
@@ -141,6 +143,10 @@ class Method:
     def after_backward(self, ctx: StageContext) -> None:
         """Gradient surgery (GEM) through `ctx.engine.get_grad/set_grad`."""
 
+    def after_epoch(self, ctx: StageContext, epoch: int) -> None:
+        """After each epoch of a fit (0-based `epoch`): Replay's pass over its buffer (protocol=official_code).
+        A `ctx.fit` here trains with the running fit's optimiser."""
+
     def after_task(self, ctx: StageContext) -> None:
         """Fisher (EWC), memories (GEM, Replay), adapter bookkeeping (O-LoRA)."""
 
@@ -148,9 +154,34 @@ class Method:
         """The model evaluated after a stage."""
         return model
 
+    # -- tracking (piece_cl/tracking): read after each step / stage, never by training ---------
+    def step_scalars(self) -> dict[str, float]:
+        """Values of the last optimiser step worth plotting (EWC penalty, LwF KD term, GEM projections)."""
+        return {}
+
+    def stage_scalars(self) -> dict[str, float]:
+        """Values of this stage worth plotting (PIECE's importance statistics)."""
+        return {}
+
     # -- resume -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+class StepMeans:
+    """Per-step means of terms a method computes in its loss, for `step_scalars` (no GPU sync until read)."""
+
+    def __init__(self):
+        self.step, self.sums, self.counts = None, {}, {}
+
+    def add(self, step: int, name: str, value: torch.Tensor) -> None:
+        if step != self.step:  # micro-batches of one optimiser step share the engine's step counter
+            self.step, self.sums, self.counts = step, {}, {}
+        self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {name: float(total) / self.counts[name] for name, total in self.sums.items()}

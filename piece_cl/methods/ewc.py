@@ -5,7 +5,7 @@ that task's training data (`importance.estimate`, kind "fisher"). Fishers are su
 (F = Σ_t F_t) and the anchor is the latest θ*, so the state stays two model-sized tensors however many
 tasks pass. Loss = CE + λ Σ_i F_i (θ_i − θ*_i)²  (λ 0.5; the authors' code: 200).
 
-`fisher_source: training` (protocol=official_code) is the authors' estimate instead (NOTES §3): every
+`fisher_source: training` (protocol=official_code) is the authors' estimate instead (docs/paper-notes.md §3): every
 micro-batch's training gradient — of the whole loss, penalty included — squared and divided by the
 micro-batches per epoch, added to F as training goes, over every epoch and task, never reset; the
 penalty applies from the second task on. Their gradient was of loss / accumulation on each of their
@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from piece_cl.errors import PieceError
-from piece_cl.importance import estimate
-from piece_cl.methods.base import Method, StageContext, register_method
+from piece_cl.importance import estimate, whole_scores
+from piece_cl.methods.base import Method, StageContext, StepMeans, register_method
 
 
 def state_dtype(name: str) -> torch.dtype:
@@ -61,6 +61,8 @@ class EWC(Method):
         self.fisher: dict[str, Tensor] = {}
         self.anchor: dict[str, Tensor] = {}
         self.handles: list = []
+        self.fisher_work: dict = {}  # what this rank's last Fisher estimate did (samples, bytes of sums)
+        self.tracked = StepMeans()
 
     def penalty(self, model: nn.Module) -> Tensor:
         """λ Σ F (θ − θ*)² over the parameters that carry a Fisher (differentiable in θ)."""
@@ -73,7 +75,14 @@ class EWC(Method):
         return float(self.cfg.lam) * torch.stack(terms).sum()
 
     def loss(self, ctx: StageContext, batch, out) -> Tensor:
-        return out.loss + self.penalty(ctx.model) if self.fisher and self.anchor else out.loss
+        if not (self.fisher and self.anchor):
+            return out.loss
+        penalty = self.penalty(ctx.model)
+        self.tracked.add(ctx.engine.global_step, "ewc_penalty", penalty)
+        return out.loss + penalty
+
+    def step_scalars(self) -> dict[str, float]:
+        return self.tracked.means()
 
     def before_task(self, ctx: StageContext) -> None:
         """`fisher_source: training`: a gradient hook per trainable tensor adds g² / micro-batches per epoch."""
@@ -90,9 +99,9 @@ class EWC(Method):
             def accumulate(grad: Tensor, name: str = name) -> None:  # looked up: a resume replaces the tensors
                 fisher = self.fisher[name]
                 grad = torch.nan_to_num(grad.detach(), nan=0.0).to(fisher.device, fisher.dtype)
-                fisher.add_((grad * (scale / engine.grad_scale)).pow(2), alpha=1 / micro_batches)
+                fisher.add_((grad * scale).pow(2), alpha=1 / micro_batches)
 
-            self.handles.append(param.register_hook(accumulate))
+            self.handles.append(engine.hook_grad(param, accumulate))  # the true micro-batch gradient
 
     def after_task(self, ctx: StageContext) -> None:
         if self.online:
@@ -109,7 +118,10 @@ class EWC(Method):
         features = ctx.engine.encode(records)
         size = ctx.engine.micro_batch_size
         batches = (ctx.engine.batch(features[i : i + size]) for i in range(0, len(features), size))
-        fisher = estimate(ctx.model, batches, kind="fisher", eligible=self.trainable(ctx.model), chunk_size=size)
+        # Data parallel over the ranks, sums sharded while estimating; the penalty needs F whole on every rank.
+        fisher = whole_scores(estimate(ctx.model, batches, kind="fisher", eligible=self.trainable(ctx.model),
+                                       chunk_size=size, moments_device=self.cfg.get("fisher_device"),
+                                       work=self.fisher_work))
         dtype = state_dtype(self.cfg.get("fisher_dtype", "float32"))
         params = dict(ctx.model.named_parameters())
         for name, value in fisher.items():

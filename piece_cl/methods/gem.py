@@ -4,7 +4,7 @@ Each step, a reference gradient g_k of the loss on task k's episodic memory is t
 if the current gradient g has ⟨g, g_k⟩ < 0 for some k, it is replaced by the closest vector g̃ with
 ⟨g̃, g_k⟩ ≥ margin for all k: the dual QP  min_v ½ vᵀ(GGᵀ)v + (Gg)ᵀv, v ≥ 0 over t−1 ≤ 7 variables
 (quadprog), then g̃ = g + Gᵀv. The projection is global over the *flattened* gradient of every trainable
-tensor (the authors projected per tensor, and under ZeRO-2 most likely never, NOTES §3); dot products
+tensor (the authors projected per tensor, and under ZeRO-2 most likely never, docs/paper-notes.md §3); dot products
 are summed tensor by tensor, so no concatenated copy of the model's gradient is ever formed.
 
 Reference gradients come from `torch.autograd.grad`, which never touches `.grad`: the current gradient
@@ -91,6 +91,9 @@ class GEM(Method):
             update = sum(float(w) * ref[i].to(param.device, torch.float32) for w, ref in zip(v, references))
             ctx.engine.set_grad(name, param, current[i].float() + update)
         self.projections += 1
+
+    def step_scalars(self) -> dict[str, float]:
+        return {"gem_projections": float(self.projections)} if self.memories else {}
 
     def after_task(self, ctx: StageContext) -> None:
         memory = sample_records(ctx.task.train, int(self.cfg.memory_per_task), ctx.seed + ctx.t)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from piece_cl.data.collate import IGNORE_INDEX
-from piece_cl.methods.base import Method, StageContext, register_method
+from piece_cl.methods.base import Method, StageContext, StepMeans, register_method
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, temperature: float) -> Tensor:
@@ -44,6 +44,7 @@ class LwF(Method):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.teacher = None
+        self.tracked = StepMeans()
 
     def before_task(self, ctx: StageContext) -> None:
         self.teacher = None
@@ -59,7 +60,12 @@ class LwF(Method):
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"] if self.cfg.answer_only else None
-        return ce + float(self.cfg.alpha) * distillation_loss(out.logits, teacher_logits, labels, float(self.cfg.temperature))
+        kd = distillation_loss(out.logits, teacher_logits, labels, float(self.cfg.temperature))
+        self.tracked.add(ctx.engine.global_step, "lwf_kd", kd)
+        return ce + float(self.cfg.alpha) * kd
+
+    def step_scalars(self) -> dict[str, float]:
+        return self.tracked.means() if self.teacher is not None else {}
 
     def after_task(self, ctx: StageContext) -> None:
         self.teacher = None  # free the copy before evaluation

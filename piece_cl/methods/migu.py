@@ -6,11 +6,11 @@ top `ratio` of all output channels, ranked globally (`importance.select_top_k` o
 k = floor(ratio × number of rows)), are the rows that train. Everything else is frozen: tensors with no
 selected row get no gradient at all, norms and biases do not train.
 
-`variant: piece_code` is what the authors' code did (NOTES §3): score the hidden-state channels
+`variant: piece_code` is what the authors' code did (docs/paper-notes.md §3): score the hidden-state channels
 entering each linear (Σ|x_c| over tokens), unmask the top `ratio` of *input columns* per layer (at
 least one), and train down_proj, lm_head and the final norm fully.
 
-Masks act through gradient hooks on the parameters (`param.register_hook`), so they apply before any
+Masks act through gradient hooks on the parameters (`engine.hook_grad`), so they apply before any
 reduction, whichever engine runs. Masked entries of a partly selected tensor get a zero gradient, which
 Adam turns into an exactly zero update; decoupled weight decay would still move them, so masked tensors
 train with weight_decay 0 (the paper's setting anyway). Each stage writes `mask.safetensors`
@@ -31,6 +31,7 @@ from piece_cl.io import atomic_save_safetensors
 from piece_cl.importance import select_top_k
 from piece_cl.methods.base import Method, StageContext, register_method
 from piece_cl.methods.ewc import sample_records
+from piece_cl.scope import exclude_patterns
 
 FULLY_TRAINED_IN_CODE = re.compile(r"(^|\.)(down_proj|lm_head)\.weight$|(^|\.)norm\.weight$")
 
@@ -67,8 +68,8 @@ class MIGU(Method):
         self.masked: set[str] = set()
 
     def setup(self, model: nn.Module) -> nn.Module:
-        model = super().setup(model)
-        exclude = [re.compile(p) for p in self.cfg.get("exclude", [])]
+        model = super().setup(model)  # freezes what is out of scope
+        exclude = [re.compile(p) for p in exclude_patterns(self.cfg)]
         self.eligible = [n for n, p in model.named_parameters()
                          if p.requires_grad and not any(x.search(n) for x in exclude)]
         return model
@@ -116,7 +117,7 @@ class MIGU(Method):
             keep = torch.zeros(cols if by_input else rows, dtype=param.dtype, device=param.device)
             keep[chosen[name].to(param.device)] = 1
             keep = keep.reshape(1, cols) if by_input else keep.reshape(rows, 1)
-            self.handles.append(param.register_hook(lambda grad, keep=keep: grad * keep.to(grad.dtype)))
+            self.handles.append(ctx.engine.hook_grad(param, lambda grad, keep=keep: grad * keep.to(grad.dtype)))
             index = chosen[name][None, :] + cols * torch.arange(rows)[:, None] if by_input else \
                 (chosen[name][:, None] * cols + torch.arange(cols)[None, :])
             masks[name] = index.flatten().sort().values.contiguous()

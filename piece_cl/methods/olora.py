@@ -7,7 +7,7 @@ CE + γ Σ_{i<t} ‖A_i A_tᵀ‖²_F summed over the targeted layers (γ 0.5); 
 peft's α/r): all adapters active, which is the merged weight without a merged copy.
 
 Adapters are new parameters, so the optimiser built for task t holds no state from before it (the
-authors' re-initialisation was likely undone by the fp32 master copy, NOTES §3).
+authors' re-initialisation was likely undone by the fp32 master copy, docs/paper-notes.md §3).
 
 Several peft adapters active with one trainable works through `base_model.set_adapter([...])`
 followed by freezing the earlier ones (peft's set_adapter marks every active adapter trainable).

@@ -6,8 +6,9 @@ is trained on through `ctx.fit` for the configured epochs, then task t's own sam
 for the next stages — so the buffer never holds samples of the task being learned.
 
 The authors replayed the first 10% "after every epoch" (protocol=official_code). With `every_epoch:
-true` the buffer is interleaved into every epoch of the current task instead of a phase after it: the
-same replay samples per epoch, spread evenly, without a hook between the engine's epochs.
+true` each epoch of the current task is followed by one pass over the buffer (the `after_epoch` event;
+it trains with the task's optimiser, as their one training process did), and no phase follows the task.
+Replay-online instead mixes the buffer into the task's epochs, so the two train differently.
 
 Cost: memory of the sampled records only (text); per stage, extra time ≈ fraction × (past tasks) × the
 task's own training time.
@@ -48,7 +49,12 @@ class Replay(Method):
 
     @property
     def mixes_into_task(self) -> bool:
-        return bool(self.cfg.get("every_epoch", False))
+        """Past samples spread through the task's own records (Replay-online)."""
+        return False
+
+    @property
+    def after_every_epoch(self) -> bool:
+        return not self.mixes_into_task and bool(self.cfg.get("every_epoch", False))
 
     def replay_records(self) -> list[dict]:
         return [record for sample in self.buffer.values() for record in sample]
@@ -57,9 +63,14 @@ class Replay(Method):
         past = self.replay_records()
         return interleave(ctx.task.train, past) if self.mixes_into_task and past else ctx.task.train
 
+    def after_epoch(self, ctx: StageContext, epoch: int) -> None:
+        past = self.replay_records()
+        if past and self.after_every_epoch:
+            ctx.fit(past, epochs=1)
+
     def after_task(self, ctx: StageContext) -> None:
         past = self.replay_records()
-        if past and not self.mixes_into_task:
+        if past and not self.mixes_into_task and not self.after_every_epoch:
             ctx.log(f"{self.name}: extra phase on {len(past)} samples of {len(self.buffer)} past task(s)")
             ctx.fit(past)
         self.buffer[ctx.task.name] = sample_fraction(

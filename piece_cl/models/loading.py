@@ -6,8 +6,11 @@ the key to set, instead of hanging on a network that a cluster node or this mach
 """
 from __future__ import annotations
 
+import json
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
@@ -32,7 +35,10 @@ def _locate(model_cfg) -> tuple[str, bool]:
         return str(Path(path).expanduser()), True
     if path.startswith((".", "/", "~")) or path.count("/") > 1:  # a filesystem path, not a hub name
         raise PieceError(f"model '{model_cfg.name}': directory {path} not found; set model.path=/path/to/local/copy")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or not model_cfg.get("download", False)
+    hub_offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    offline = hub_offline or not model_cfg.get("download", False)
+    if model_cfg.get("download", False):
+        _check_hub_reachable(model_cfg, path, hub_offline)
     if offline:
         from huggingface_hub import try_to_load_from_cache
 
@@ -44,10 +50,50 @@ def _locate(model_cfg) -> tuple[str, bool]:
     return path, offline
 
 
+def _check_hub_reachable(model_cfg, path: str, hub_offline: bool, timeout_s: float = 3.0) -> None:
+    """model.download=true on a machine that cannot reach the hub: refuse in seconds, not after the
+    Hugging Face client's retries (about 50 s). Only a TCP connection is opened; nothing is fetched."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return  # already in the local cache: no network needed
+    fix = f"download '{path}' on a machine with network access and set model.path=/path/to/local/copy"
+    if hub_offline:
+        raise PieceError(f"model.download=true but HF_HUB_OFFLINE is set, so '{path}' cannot be fetched; {fix}")
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise PieceError(f"model.download=true but the hub {host}:{port} cannot be reached ({err.strerror or err}); "
+                         f"{fix}") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def _check_local_dir(model_cfg, directory: Path) -> None:
+    """A local checkpoint must have a readable config.json and tokenizer files: checked before any data loads."""
+    config_file = directory / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if not isinstance(config, dict) or "model_type" not in config:
+            raise ValueError("no 'model_type' in it")
+    except (OSError, ValueError) as err:
+        detail = "missing" if not config_file.exists() else str(err).splitlines()[0]
+        raise PieceError(f"model '{model_cfg.name}': {config_file} is not a usable model config ({detail}); "
+                         "point model.path at a complete Hugging Face checkpoint directory") from None
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise PieceError(f"model '{model_cfg.name}': {directory} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                         "copy the tokenizer files next to the weights")
+
+
 def check_available(model_cfg) -> None:
-    """Fail fast (before data loading) when pretrained weights cannot be found."""
+    """Fail fast (before data loading) when pretrained weights cannot be found or their directory is incomplete."""
     if model_cfg.source == "pretrained":
-        _locate(model_cfg)
+        path, local_only = _locate(model_cfg)
+        if Path(path).is_dir():
+            _check_local_dir(model_cfg, Path(path))
 
 
 def _prepare_tokenizer(tokenizer, name: str) -> None:
@@ -94,12 +140,16 @@ def load_model(cfg):
         path, local_only = _locate(model_cfg)
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-        if model_cfg.get("multimodal", False):
-            processor = AutoProcessor.from_pretrained(path, local_files_only=local_only)
-            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=local_only)
-        else:
-            processor = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
+        try:
+            if model_cfg.get("multimodal", False):
+                processor = AutoProcessor.from_pretrained(path, local_files_only=local_only)
+                model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=local_only)
+            else:
+                processor = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
+        except (OSError, ValueError, KeyError) as err:  # damaged weights, unknown architecture, bad tokenizer file
+            raise PieceError(f"model '{model_cfg.name}': {path} cannot be loaded ({str(err).strip().splitlines()[0][:200]}); "
+                             "check model.path points at a complete checkpoint") from None
     else:
         raise PieceError(f"unknown model.source '{model_cfg.source}'; use embedded, pretrained or tiny_config")
     _prepare_tokenizer(getattr(processor, "tokenizer", processor), str(model_cfg.get("path") or model_cfg.name))

@@ -23,7 +23,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from piece_cl.data import mini_humaneval, tiny_tasks
+from piece_cl.errors import PieceError
 from piece_cl.io import writing
+from piece_cl.models import manifest
 from piece_cl.models.tiny import build_tiny_model, build_tokenizer
 
 
@@ -38,7 +40,7 @@ def cache_key(model_cfg: DictConfig) -> str:
 def load_miniature(model_cfg: DictConfig, cache_dir: str | Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """The pretrained miniature, from the cache when present, else pretrained now and cached."""
     target = Path(cache_dir) / "miniature" / cache_key(model_cfg)
-    if not (target / "config.json").is_file():
+    if not target.is_dir() or not any(target.iterdir()):
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
         try:
@@ -46,14 +48,40 @@ def load_miniature(model_cfg: DictConfig, cache_dir: str | Path) -> tuple[LlamaF
             with writing(target):  # a full disk names the cache, not the temporary staging directory
                 model.save_pretrained(staging)
                 tokenizer.save_pretrained(staging)
+                manifest.write_manifest(staging)  # last: a directory without it was never completed
             os.rename(staging, target)  # atomic; fails if another run cached the same key first
         except OSError:
-            if not (target / "config.json").is_file():
+            if not manifest.has_manifest(target):
                 raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(target)
-    model = LlamaForCausalLM.from_pretrained(target, dtype=getattr(torch, model_cfg.get("dtype", "float32")))
+    return _load_verified(target, model_cfg)
+
+
+def _load_verified(target: Path, model_cfg: DictConfig) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """Load the cache only when it matches its manifest and every weight was found in it.
+
+    A cache from before manifests existed is accepted when it loads with no missing or unexpected
+    tensor, and gets its manifest then (when the directory is writable).
+    """
+    delete = f"delete {target} and rerun (it is pretrained again)"
+    legacy = not manifest.has_manifest(target)
+    if not legacy:
+        manifest.verify(target)
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(target)
+        model, info = LlamaForCausalLM.from_pretrained(target, dtype=getattr(torch, model_cfg.get("dtype", "float32")),
+                                                       output_loading_info=True)
+    except Exception as err:  # a damaged file of a cache without a manifest
+        raise PieceError(f"cached model {target} cannot be loaded ({str(err).splitlines()[0][:200]}); {delete}") from None
+    wrong = info.get("missing_keys") or info.get("unexpected_keys") or info.get("mismatched_keys")
+    if wrong:
+        raise PieceError(f"cached model {target} does not hold every weight (e.g. {sorted(wrong)[0]}); {delete}")
+    if legacy:
+        try:
+            manifest.write_manifest(target)
+        except OSError:
+            pass  # a read-only shared cache stays usable; it is checked by loading as above
     return model, tokenizer
 
 

@@ -1,6 +1,6 @@
 """The paper's figures from runs, as PNG and PDF, readable in greyscale.
 
-Lines differ by marker and line style as well as colour; heatmaps use a grey scale with the values
+Lines differ by marker and line style as well as colour, each method in one fixed style; heatmaps use a grey scale with the values
 written in the cells. Figure sizes are fixed (inches × DPI) so outputs are predictable.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 
 from piece_cl.report.masks import EXTRA_MODULES, PAPER_MODULES, Correlation  # noqa: E402
+from piece_cl.report.paper import method_name  # noqa: E402
 
 DPI = 100
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
@@ -30,6 +31,49 @@ def _styles():
     for index in itertools.count():
         yield {"color": colours[index % 10], "marker": MARKERS[index % len(MARKERS)],
                "linestyle": LINESTYLES[index % len(LINESTYLES)]}
+
+
+# One fixed style per method (by config name; keyed by its paper name, the label figures print), so a
+# method looks the same in every figure and all twelve differ by colour AND by marker: ten tab10
+# colours, then black and gold for PIECE.
+METHOD_STYLES = {
+    method_name(key): {"color": colour, "marker": marker, "linestyle": LINESTYLES[index % len(LINESTYLES)]}
+    for index, (key, colour, marker) in enumerate([
+        ("seqft", "tab:blue", "o"), ("ewc", "tab:orange", "s"), ("gem", "tab:green", "^"),
+        ("lwf", "tab:red", "D"), ("replay", "tab:purple", "v"), ("replay_online", "tab:brown", "P"),
+        ("seqlora", "tab:pink", "X"), ("olora", "tab:gray", "<"), ("layernorm", "tab:olive", ">"),
+        ("migu", "tab:cyan", "h"), ("piece_f", "black", "*"), ("piece_s", "#d4a000", "p"),
+    ])
+}
+
+
+def _method_of(label: str) -> str | None:
+    """The method a series label names ("PIECE-F (k=0.01)" -> "PIECE-F"); longest name wins."""
+    names = [n for n in METHOD_STYLES if label == n or label.startswith(n + " ")]
+    return max(names, key=len) if names else None
+
+
+def series_styles(labels: list[str]) -> list[dict]:
+    """Styles for the series of one figure: each method its fixed style; a method's second and later
+    series (other ratios, other runs) keep its colour and marker with the next line style (then hollow
+    markers); labels that
+    name no method take the free tab10 cycle."""
+    seen: Counter = Counter()
+    free = _styles()
+    styles = []
+    for label in labels:
+        method = _method_of(label)
+        if method is None:
+            styles.append(next(free))
+            continue
+        base = METHOD_STYLES[method]
+        shift = LINESTYLES.index(base["linestyle"]) + seen[method]
+        style = {**base, "linestyle": LINESTYLES[shift % len(LINESTYLES)]}
+        if seen[method] >= len(LINESTYLES):  # past every line style: hollow markers
+            style["fillstyle"] = "none"
+        styles.append(style)
+        seen[method] += 1
+    return styles
 
 
 def save(fig, out_dir: Path, stem: str) -> Path:
@@ -83,7 +127,7 @@ def op_and_probe(op_curves: list[Curve], probe_curves: list[Curve], probe: str, 
     """Figure 1: (a) OP and (b) probe score vs number of tasks learned, one line per method."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     for ax, curves, ylabel, panel in ((axes[0], op_curves, "OP", "(a)"), (axes[1], probe_curves, probe, "(b)")):
-        for curve, style in zip(curves, _styles()):
+        for curve, style in zip(curves, series_styles([c.label for c in curves])):
             ax.plot(curve.x, curve.y, label=curve.label, **style)
         ax.set_xlabel("number of tasks learned")
         ax.set_ylabel(ylabel)
@@ -130,7 +174,7 @@ def overlap(matrix: np.ndarray, tasks: list[str], title: str, out_dir: Path, ste
 def overlap_vs_forgetting(correlations: dict[str, Correlation], title: str, out_dir: Path, stem: str) -> Path:
     """Figure 6: pair forgetting against pair overlap, one marker per method, r and ρ in the legend."""
     fig, ax = plt.subplots(figsize=(6, 4.5), layout="constrained")
-    for (label, corr), style in zip(correlations.items(), _styles()):
+    for (label, corr), style in zip(correlations.items(), series_styles(list(correlations))):
         ax.scatter(corr.overlaps, corr.forgetting, color=style["color"], marker=style["marker"],
                    facecolors="none" if style["linestyle"] != "-" else style["color"],
                    label=f"{label}: r={_stat(corr.pearson_r)}, ρ={_stat(corr.spearman_rho)} (n={corr.n})")
@@ -163,7 +207,7 @@ def ratio_sweep(groups: dict[str, list[SweepPoint]], probe: str, bwt_label: str,
     panels = [("ap", "AP"), ("op", "OP"), ("bwt", bwt_label), ("probe", probe)]
     percents = sorted({p.ratio * 100 for points in groups.values() for p in points})
     for ax, (field, ylabel) in zip(axes.flat, panels):
-        for (label, points), style in zip(groups.items(), _styles()):
+        for (label, points), style in zip(groups.items(), series_styles(list(groups))):
             pts = sorted((p.ratio, getattr(p, field)) for p in points if getattr(p, field) is not None)
             ax.plot([r * 100 for r, _ in pts], [v for _, v in pts], label=label, **style)
         ax.set_xscale("log")

@@ -5,7 +5,7 @@ A mask file (stage_<t>_<task>/mask.safetensors) maps a parameter name to the sor
 of its selected entries. The paper's Figure 3 abbreviations are Q K V O G U D IN PN N lm; parameters
 the paper's Llama-style list has no name for get their own short label (QN KN for Qwen3's q_norm /
 k_norm, preFF postFF for Gemma2's feed-forward norms, E for embeddings, other for anything else).
-Vision towers and multimodal projectors are not part of the language model and are left out.
+Vision towers and multimodal projectors are not part of the language model and are left out (piece_cl/scope.py).
 """
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ import numpy as np
 from safetensors.numpy import load_file
 from scipy import stats
 
+from piece_cl.errors import PieceError
+from piece_cl.scope import is_vision
+
 Mask = dict[str, np.ndarray]
 
 PAPER_MODULES = ["Q", "K", "V", "O", "G", "U", "D", "IN", "PN", "N", "lm"]
 EXTRA_MODULES = ["QN", "KN", "preFF", "postFF", "E", "other"]
-EXCLUDED = ("vision_tower", "visual.", "multi_modal_projector")
 
 # The first key found in the name after `layers.<i>.` names the module.
 LAYER_MODULES = [
@@ -39,7 +41,7 @@ LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 
 def module_of(name: str) -> tuple[str, int | None] | None:
     """(module abbreviation, layer or None) of a parameter name; None for vision-side parameters."""
-    if any(part in name for part in EXCLUDED):
+    if is_vision(name):
         return None
     match = LAYER_INDEX.search(name)
     if match:
@@ -55,7 +57,12 @@ def module_of(name: str) -> tuple[str, int | None] | None:
 
 
 def load_mask(path: Path) -> Mask:
-    return {name: np.asarray(indices, dtype=np.int64) for name, indices in load_file(str(path)).items()}
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors' SafetensorError for a truncated or foreign file
+        raise PieceError(f"{path} is not a readable mask ({str(err).splitlines()[0][:200]}); rerun that stage, or "
+                         "move the file away to report without its mask figures") from None
+    return {name: np.asarray(indices, dtype=np.int64) for name, indices in tensors.items()}
 
 
 def mask_size(mask: Mask) -> int:

@@ -1,39 +1,51 @@
 """The paper's Tables 1 and 2 (shipped as package data) and the run-name -> paper-name mapping.
 
-Runs are named by config keys (`llama3_8b`, `piece_s`); the paper prints `Llama3-8B`, `PIECE-S`.
-One explicit table keeps the two joined so our rows land beside the right paper rows.
+Runs are named by config keys (`llama3_8b`, `piece_s`); the paper prints `Llama3-8B`, `PIECE-S`. The
+paper name of a model or method is its config's `paper_name` (configs/model/*.yaml, configs/method/*.yaml),
+read from the run's own config.yaml, else from the shipped configs; nothing here repeats those names.
 """
 from __future__ import annotations
 
 import csv
 import io
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 
-# Paper order: tables list models and methods in this order.
-MODEL_NAMES = {
-    "gemma2_2b": "Gemma2-2B",
-    "llama3_8b": "Llama3-8B",
-    "qwen3_14b": "Qwen3-14B",
-    "qwen3_vl_4b": "Qwen3-VL-4B",
-    "llava15_7b": "LLaVA-1.5-7B",
-    "tiny": "Tiny-Llama",
-}
-METHOD_NAMES = {
-    "base": "base",
-    "seqft": "SeqFT",
-    "ewc": "EWC",
-    "gem": "GEM",
-    "lwf": "LwF",
-    "replay": "replay",
-    "replay_online": "replay-online",
-    "seqlora": "SeqLoRA",
-    "olora": "O-LoRA",
-    "layernorm": "LayerNorm",
-    "migu": "MIGU",
-    "piece_f": "PIECE-F",
-    "piece_s": "PIECE-S",
-}
+import yaml
+
+BASE = "base"  # the paper tables' row of the model before any task (not a method config)
+
+
+@lru_cache(maxsize=None)
+def config_paper_names(group: str) -> dict[str, str]:
+    """{config name: paper_name} of every option of a config group (`model`, `method`) that has one."""
+    names = {}
+    for entry in sorted(resources.files("piece_cl.configs").joinpath(group).iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            node = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
+            if isinstance(node.get("paper_name"), str):
+                names[str(node.get("name", entry.name[:-5]))] = node["paper_name"]
+    return names
+
+
+def _paper_order(column: str) -> list[str]:
+    """Names in the order the paper's tables list them (Table 1, then Table 2)."""
+    order: dict[str, None] = {}
+    for _, filename in BENCHMARK_TABLES.values():
+        if filename:
+            text = resources.files("piece_cl.report").joinpath("data", filename).read_text(encoding="utf-8")
+            order.update(dict.fromkeys(rec[column] for rec in csv.DictReader(io.StringIO(text))))
+    return list(order)
+
+
+def _ordered(group: str, column: str) -> dict[str, str]:
+    """{config name: paper name} in paper order, then the configs the paper does not have."""
+    names = config_paper_names(group)
+    rank = {name: index for index, name in enumerate(_paper_order(column))}
+    return dict(sorted(names.items(), key=lambda item: (rank.get(item[1], len(rank)), item[1])))
+
+
 PROBE_NAMES = {
     "humaneval": "HumanEval",
     "humaneval_pass@1": "HumanEval",
@@ -44,15 +56,17 @@ PROBE_NAMES = {
 # benchmark -> (table number, shipped CSV or None)
 BENCHMARK_TABLES = {"trace": (1, "table1.csv"), "vqa": (2, "table2.csv"), "tiny": (1, None)}
 OP_TOLERANCE = 0.05  # printed values have two decimals; a mean of them is off by < 0.005 from rounding
+MODEL_NAMES = _ordered("model", "model")  # paper order: tables list models and methods in this order
+METHOD_NAMES = {BASE: BASE, **_ordered("method", "method")}
 
 
 def model_name(name: str) -> str:
-    """Paper name of a run's model; unknown names pass through unchanged."""
+    """Paper name of a model config; unknown names pass through unchanged."""
     return MODEL_NAMES.get(name, name)
 
 
 def method_name(name: str) -> str:
-    """Paper name of a run's method; unknown names pass through unchanged."""
+    """Paper name of a method config; unknown names pass through unchanged."""
     return METHOD_NAMES.get(name, name)
 
 

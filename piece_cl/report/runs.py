@@ -30,13 +30,19 @@ class Run:
     results: dict
     config: dict = field(default_factory=dict)
 
+    def _paper_name(self, group: str, fallback) -> str:
+        """The run's own config `<group>.paper_name` (what it ran as), else the shipped configs' name."""
+        node = self.config.get(group)
+        named = node.get("paper_name") if isinstance(node, dict) else None
+        return str(named) if named else fallback(str(self.results.get(group, "?")))
+
     @property
     def model(self) -> str:
-        return model_name(str(self.results.get("model", "?")))
+        return self._paper_name("model", model_name)
 
     @property
     def method(self) -> str:
-        return method_name(str(self.results.get("method", "?")))
+        return self._paper_name("method", method_name)
 
     @property
     def benchmark(self) -> str:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from piece_cl.errors import PieceError
-from piece_cl.training.engine import TorchEngine
+from piece_cl.training.engine import TorchEngine, check_finite
 
 
 def use_bf16(trainer_cfg) -> bool:
@@ -98,7 +98,7 @@ def free_port() -> int:
 
 
 def close_distributed() -> None:
-    """Barrier, then destroy the group: without it gloo ranks abort at exit (MEASURED.md)."""
+    """Barrier, then destroy the group: without it gloo ranks abort at exit (docs/measured.md)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -125,7 +125,7 @@ class DeepSpeedEngine(TorchEngine):
 
     # -- gradients ------------------------------------------------------------------------------
     @property
-    def grad_scale(self) -> float:
+    def _grad_scale(self) -> float:
         return float(self.world_size) if self._wrapped is not None else 1.0  # see `_step`'s rescale
 
     def average_across_ranks(self, tensor: torch.Tensor) -> None:
@@ -154,11 +154,14 @@ class DeepSpeedEngine(TorchEngine):
     def fit(self, ctx, method, records, epochs, optimizer_factory, on_step=None, description="train",
             epoch_dir=None) -> dict:
         """The torch engine's fit; epoch states (`epoch_dir`) only for optimisers outside ZeRO, whose state
-        every rank holds whole (Method.check_trainer refuses the others in the parent)."""
+        every rank holds whole (Method.check_trainer refuses the others in the parent). A fit nested in an
+        epoch event keeps the open fit's wrapper."""
+        nested = self._open is not None
         try:
             return super().fit(ctx, method, records, epochs, optimizer_factory, on_step, description, epoch_dir)
         finally:
-            self._release()
+            if not nested:
+                self._release()
 
     def prepare(self, optimizer) -> None:
         """Wrap the model for this fit's client optimiser (the torch engine's `fit` builds it)."""
@@ -185,7 +188,7 @@ class DeepSpeedEngine(TorchEngine):
         mine = micros[self.rank :: self.world_size]
         slots = math.ceil(len(micros) / self.world_size)
         # DeepSpeed averages over ranks; the loop below wants the sum of the share-weighted micro losses.
-        rescale = self.grad_scale
+        rescale = self._grad_scale
         local = torch.zeros((), dtype=torch.float64)
         for slot in range(slots):
             micro, weight = (mine[slot], len(mine[slot]) / len(chunk)) if slot < len(mine) else (micros[0], 0.0)
@@ -195,9 +198,7 @@ class DeepSpeedEngine(TorchEngine):
                 loss = method.loss(ctx, batch, self._wrapped(**batch))
             else:
                 loss = method.loss(ctx, batch, self.model(**batch))
-            if not torch.isfinite(loss):
-                raise PieceError(f"non-finite loss ({float(loss)}) in task '{ctx.task.name}' at step {self.global_step}; "
-                                 "stage stopped, earlier stages are kept (lower the learning rate?)")
+            check_finite(loss, ctx, self.global_step)
             scaled = loss * (weight * rescale)
             if self._wrapped is not None:
                 self._wrapped.backward(scaled, scale_wrt_gas=False)
@@ -208,17 +209,10 @@ class DeepSpeedEngine(TorchEngine):
         if self._wrapped is not None:
             method.after_backward(ctx)  # between the reduction and the step: full grads via safe accessors
             self._wrapped.step()  # clips to trainer.grad_clip, steps, zeroes
+            self.grad_norm = self._wrapped.get_global_grad_norm()  # before clipping (tracking only)
         else:
             self._reduce_self_managed(optimizer, params)
-            method.after_backward(ctx)
-            clip = float(self.cfg.grad_clip or 0)
-            if clip > 0:
-                if hasattr(optimizer, "clip_grad_norm_"):
-                    optimizer.clip_grad_norm_(clip)
-                else:
-                    torch.nn.utils.clip_grad_norm_([p for _, p in params if p.grad is not None], clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            self._step_tail(ctx, method, optimizer, params)
         return float(local)
 
     def _reduce_self_managed(self, optimizer, params) -> None:

@@ -1,13 +1,17 @@
-"""The training engine: one interface, a plain-torch backend here (DeepSpeed slots in beside it).
+"""The training engine: the contract methods see (`Engine`), and its plain-torch backend.
 
 The engine owns batching, accumulation, clipping and the optimiser step; methods hook in through the
-contract in methods/base.py and read or write gradients only through `get_grad` / `set_grad`.
+contract in methods/base.py and touch the engine only through the members `Engine` declares. Gradients a
+method sees (`get_grad`, `hook_grad`) are true one-process gradients: how a backend scales losses before
+reducing them (DeepSpeed's ranks) stays inside the backend. The DeepSpeed backend (deepspeed_engine.py)
+subclasses `TorchEngine`; training/build.py picks one, so neither backend imports the other.
 """
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -18,6 +22,45 @@ from piece_cl.errors import PieceError
 from piece_cl.faults import maybe_kill
 from piece_cl.progress import progress
 from piece_cl.training.epoch_state import EpochState, load_epoch_state, save_epoch_state
+
+
+GradFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Everything a method may use of the engine (tests/test_engine_contract.py greps methods/ for it)."""
+
+    micro_batch_size: int
+    world_size: int
+    is_main: bool  # one rank writes a stage's files (masks)
+    global_step: int  # optimiser steps so far in the run (read only: tracked scalars are keyed by it)
+
+    def encode(self, records: list[dict]) -> list[dict]:
+        """Records tokenised exactly as training sees them."""
+
+    def batch(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        """Features collated and moved to the training device."""
+
+    def get_grad(self, name: str, param: nn.Parameter) -> torch.Tensor | None:
+        """The reduced gradient of `param` for this step (inside `after_backward`)."""
+
+    def set_grad(self, name: str, param: nn.Parameter, value: torch.Tensor) -> None:
+        """Replace the reduced gradient of `param` for this step (inside `after_backward`)."""
+
+    def hook_grad(self, param: nn.Parameter, fn: GradFn):
+        """Call `fn(grad)` on each micro-batch gradient of `param` as backward forms it, before any reduction;
+        a tensor `fn` returns replaces that gradient. Returns a handle with `.remove()`."""
+
+    def average_across_ranks(self, tensor: torch.Tensor) -> None:
+        """In place: the mean of `tensor` over the ranks (one process: itself)."""
+
+
+def check_finite(loss: torch.Tensor, ctx, step: int) -> None:
+    """A non-finite loss stops the stage (earlier stages stay committed)."""
+    if not torch.isfinite(loss):
+        raise PieceError(f"non-finite loss ({float(loss.detach())}) in task '{ctx.task.name}' at step {step}; "
+                         "stage stopped, earlier stages are kept (lower the learning rate?)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,14 +84,18 @@ class TorchEngine:
         self.batch_size = int(trainer_cfg.batch_size)
         self.micro_batch_size = min(int(trainer_cfg.micro_batch_size), self.batch_size)
         self.global_step = 0
+        self._open: _OpenFit | None = None  # the fit in progress (its optimiser serves fits nested in its events)
+        self.step_stats: dict = {}  # the last optimiser step, for tracking (piece_cl/tracking); never read back
+        self.grad_norm = None
         # multimodal models get a processor: images and prompts go through it (data/multimodal.py)
         self.multimodal_collator = MultimodalCollator(tokenizer, int(trainer_cfg.max_answer_len)) \
             if is_multimodal(tokenizer) else None
 
     # -- gradients, engine-agnostic -------------------------------------------------------------
-    # What a gradient seen during this process's backward is, relative to the one-process gradient of the
+    # What a gradient formed during this process's backward is, relative to the one-process gradient of the
     # same micro-batch (DeepSpeed's ranks scale their losses by the world size before it averages them).
-    grad_scale = 1.0
+    # Private: `hook_grad` hands methods the true gradient.
+    _grad_scale = 1.0
 
     def average_across_ranks(self, tensor: torch.Tensor) -> None:
         """In place: the mean of `tensor` over the ranks (one process: itself)."""
@@ -61,6 +108,15 @@ class TorchEngine:
 
     def set_grad(self, name: str, param: nn.Parameter, value: torch.Tensor) -> None:
         param.grad = value.to(param.dtype).reshape(param.shape)
+
+    def hook_grad(self, param: nn.Parameter, fn: GradFn):
+        def hook(grad: torch.Tensor):
+            scale = self._grad_scale  # read per call: it depends on the fit (wrapped or not)
+            if scale == 1.0:
+                return fn(grad)
+            out = fn(grad / scale)
+            return None if out is None else out * scale
+        return param.register_hook(hook)
 
     # -- data -----------------------------------------------------------------------------------
     def encode(self, records: list[dict]) -> list[dict]:
@@ -97,11 +153,15 @@ class TorchEngine:
             epoch_dir: Path | None = None) -> dict:
         """Train `records` for `epochs` epochs; returns loss statistics of the stage.
 
-        With `epoch_dir` the state after every epoch is kept there (training/epoch_state.py), and a fit
-        that finds one continues after its last finished epoch.
+        After each epoch the method's `after_epoch(ctx, epoch)` runs; a fit it starts (Replay's `ctx.fit`)
+        trains with this fit's optimiser, as one process trained by the authors' scripts did (`_fit_within`).
+        With `epoch_dir` the state after every epoch (its event included) is kept there
+        (training/epoch_state.py), and a fit that finds one continues after its last finished epoch.
         """
         if not records:
             raise PieceError(f"task '{ctx.task.name}': nothing to train on")
+        if self._open is not None:
+            return self._fit_within(ctx, method, records, epochs, on_step)
         features = self.encode(records)
         params = method.trainable(self.model)
         optimizer = method.build_optimizer(ctx, params, optimizer_factory)
@@ -114,6 +174,15 @@ class TorchEngine:
             self.global_step = done.global_step
             ctx.log(f"task '{ctx.task.name}': continuing after epoch {done.epochs_done}/{epochs}")
         self.model.train()
+        self._open = _OpenFit(optimizer, params)
+        try:
+            return self._epochs(ctx, method, features, epochs, optimizer, params, generator, done, losses,
+                                steps_per_epoch, on_step, description, epoch_dir)
+        finally:
+            self._open = None
+
+    def _epochs(self, ctx, method, features, epochs, optimizer, params, generator, done, losses, steps_per_epoch,
+                on_step, description, epoch_dir) -> dict:
         with progress() as bar:
             job = bar.add_task(f"{description} {ctx.task.name}", total=epochs * steps_per_epoch,
                                completed=len(losses), info="")
@@ -124,18 +193,49 @@ class TorchEngine:
                     continue
                 for step in range(steps_per_epoch):
                     chunk = [features[i] for i in order[step * self.batch_size : (step + 1) * self.batch_size]]
+                    started = time.perf_counter()
                     loss = self._step(ctx, method, optimizer, params, chunk)
+                    self.step_stats = {"loss": loss, "lr": learning_rate(optimizer), "grad_norm": self.grad_norm,
+                                       "samples_per_s": len(chunk) / max(time.perf_counter() - started, 1e-9),
+                                       "epoch": epoch + 1}
                     losses.append(loss)
                     self.global_step += 1
                     bar.update(job, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {loss:.3f}")
                     if on_step is not None:
                         on_step(self.global_step)
+                self._open.epoch = epoch
+                method.after_epoch(ctx, epoch)
                 if epoch_dir is not None:
                     if self.is_main:
                         save_epoch_state(epoch_dir, EpochState(epoch + 1, losses, self.global_step), method, params,
                                          optimizer, finished=epoch + 1 == epochs)
                     self.barrier()  # no rank goes on (or is killed) before the epoch state is complete
                     maybe_kill("epoch", ctx.t)
+        return {"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
+                "mean_last_epoch_loss": sum(losses[-steps_per_epoch:]) / steps_per_epoch}
+
+    def _fit_within(self, ctx, method, records: list[dict], epochs: int, on_step=None) -> dict:
+        """`records` trained inside the open fit (from its `after_epoch`): its optimiser, its trainable set.
+
+        The order is drawn from (seed, task, epoch), never from the open fit's generator, so a fit resumed
+        after epoch e draws the same orders as the uninterrupted one.
+        """
+        features, open_fit = self.encode(records), self._open
+        generator = torch.Generator().manual_seed((ctx.seed * 1000 + ctx.t) * 1000 + open_fit.epoch + 1)
+        steps_per_epoch = math.ceil(len(features) / self.batch_size)
+        losses: list[float] = []
+        for _ in range(epochs):
+            order = torch.randperm(len(features), generator=generator).tolist() if self.cfg.shuffle else list(range(len(features)))
+            for step in range(steps_per_epoch):
+                chunk = [features[i] for i in order[step * self.batch_size : (step + 1) * self.batch_size]]
+                started = time.perf_counter()
+                losses.append(self._step(ctx, method, open_fit.optimizer, open_fit.params, chunk))
+                self.step_stats = {"loss": losses[-1], "lr": learning_rate(open_fit.optimizer), "grad_norm": self.grad_norm,
+                                   "samples_per_s": len(chunk) / max(time.perf_counter() - started, 1e-9),
+                                   "epoch": open_fit.epoch + 1}
+                self.global_step += 1
+                if on_step is not None:
+                    on_step(self.global_step)
         return {"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
                 "mean_last_epoch_loss": sum(losses[-steps_per_epoch:]) / steps_per_epoch}
 
@@ -149,29 +249,43 @@ class TorchEngine:
             batch = self.batch(micro)
             out = self.model(**batch)
             loss = method.loss(ctx, batch, out)
-            if not torch.isfinite(loss):
-                raise PieceError(f"non-finite loss ({float(loss.detach())}) in task '{ctx.task.name}' at step {self.global_step}; "
-                                 "stage stopped, earlier stages are kept (lower the learning rate?)")
+            check_finite(loss, ctx, self.global_step)
             (loss * (len(micro) / len(chunk))).backward()
             total += float(loss.detach()) * len(micro) / len(chunk)
-        method.after_backward(ctx)
-        clip = float(self.cfg.grad_clip or 0)
-        if clip > 0:
-            if hasattr(optimizer, "clip_grad_norm_"):
-                optimizer.clip_grad_norm_(clip)  # optimisers that keep their own (sparse) gradients
-            else:
-                torch.nn.utils.clip_grad_norm_([p for _, p in params if p.grad is not None], clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self._step_tail(ctx, method, optimizer, params)
         return total
 
+    def _step_tail(self, ctx, method, optimizer, params) -> None:
+        """Gradients reduced: the method's surgery, clipping to trainer.grad_clip, the step (both backends)."""
+        method.after_backward(ctx)
+        self.grad_norm = clip_gradients(optimizer, params, float(self.cfg.grad_clip or 0))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-def build_engine(cfg, model: nn.Module, tokenizer):
-    engine = cfg.trainer.engine
-    if engine == "torch":
-        return TorchEngine(cfg.trainer, model, tokenizer)
-    if engine == "deepspeed":
-        from piece_cl.training.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(cfg.trainer, model, tokenizer)
-    raise PieceError(f"unknown trainer.engine '{engine}'; known: torch, deepspeed")
+def clip_gradients(optimizer, params, clip: float) -> torch.Tensor:
+    """Clip to `clip` (0: no clipping) and return the norm before clipping (tracked as train/grad_norm).
+
+    Without clipping the threshold is infinite: the scale is exactly 1, so the gradients are unchanged.
+    """
+    limit = clip if clip > 0 else math.inf
+    if hasattr(optimizer, "clip_grad_norm_"):
+        return optimizer.clip_grad_norm_(limit)  # optimisers that keep their own (sparse) gradients
+    grads = [p for _, p in params if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(grads, limit) if grads else torch.zeros(())
+
+
+def learning_rate(optimizer) -> float | None:
+    """The optimiser's current learning rate (first parameter group; PIECE's sparse Adam: its setting)."""
+    groups = getattr(optimizer, "param_groups", None)
+    if groups:
+        return float(groups[0]["lr"])
+    settings = getattr(optimizer, "settings", None)
+    return float(settings.lr) if settings is not None else None
+
+
+class _OpenFit:
+    """The optimiser and trainable set of the fit in progress, and the epoch whose event is running."""
+
+    def __init__(self, optimizer, params):
+        self.optimizer, self.params, self.epoch = optimizer, params, -1

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from piece_cl.checkpoint import atomic_directory
+from piece_cl.checkpoint import atomic_directory, reading
 from piece_cl.io import writing
 
 
@@ -68,13 +68,20 @@ def load_epoch_state(directory: Path, method, params: list[tuple[str, torch.nn.P
     last finished epoch."""
     if not (directory / "progress.json").exists():
         return None
-    state = EpochState(**json.loads((directory / "progress.json").read_text()))
-    method.load_state_dict(torch.load(directory / "method.pt", weights_only=False))
-    weights = load_file(str(directory / "weights.safetensors"))
-    with torch.no_grad():
-        for name, param in params:
-            param.copy_(weights[name])
+    advice = (f"delete {directory} and rerun the same command: the stage restarts from its beginning "
+              "(the committed stages are kept)")
+    with reading(directory / "progress.json", advice):
+        state = EpochState(**json.loads((directory / "progress.json").read_text()))
+    with reading(directory / "method.pt", advice):
+        method.load_state_dict(torch.load(directory / "method.pt", weights_only=False))
+    with reading(directory / "weights.safetensors", advice):
+        weights = load_file(str(directory / "weights.safetensors"))
+        with torch.no_grad():
+            for name, param in params:
+                param.copy_(weights[name])
     if (directory / "optimizer.pt").exists():
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
-    _set_rng_states(torch.load(directory / "rng.pt", weights_only=False))
+        with reading(directory / "optimizer.pt", advice):
+            optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
+    with reading(directory / "rng.pt", advice):
+        _set_rng_states(torch.load(directory / "rng.pt", weights_only=False))
     return state

@@ -19,12 +19,14 @@ class LossCurves:
         self.stage, self.path = stage, stage_dir / "loss_curves.csv"
         self.rows = self.path.read_text().splitlines()[1:] if self.path.exists() else []
 
-    def on_step(self, global_step: int) -> None:
+    def on_step(self, global_step: int) -> dict[str, float] | None:
+        """The held-out loss by task at this step (None between measurements), also written to the CSV."""
         if self.every <= 0 or global_step % self.every:
-            return
+            return None
         self.rows = [row for row in self.rows if int(row.split(",", 1)[0]) < global_step]
-        for name, records in self.held_out.items():
-            if records:
-                self.rows.append(f"{global_step},{self.stage},{name},{self.engine.mean_loss(records):.6f}")
+        losses = {name: self.engine.mean_loss(records) for name, records in self.held_out.items() if records}
+        for name, loss in losses.items():
+            self.rows.append(f"{global_step},{self.stage},{name},{loss:.6f}")
         if self.engine.is_main:
             atomic_write_text(self.path, "global_step,stage,task,loss\n" + "\n".join(self.rows) + "\n")
+        return losses

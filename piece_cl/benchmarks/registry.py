@@ -6,6 +6,7 @@ data root is missing) never stops another from running.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from piece_cl.errors import PieceError
@@ -45,10 +46,34 @@ _BENCHMARKS: dict[str, BenchmarkBuilder] = {}
 # Modules that register benchmarks when imported; imported lazily so that heavy or broken optional
 # dependencies of one benchmark never affect another.
 _BENCHMARK_MODULES = {
-    "tiny": "piece_cl.data.tiny_tasks",
-    "trace": "piece_cl.data.trace",
-    "vqa": "piece_cl.data.vqa",
+    "tiny": "piece_cl.benchmarks.tiny",
+    "trace": "piece_cl.benchmarks.trace",
+    "vqa": "piece_cl.benchmarks.vqa",
 }
+
+
+def cfg_get(node: Any, key: str, default: Any = None) -> Any:
+    """A key of an optional config node (OmegaConf or dict), `default` when absent or null."""
+    if node is None:
+        return default
+    value = node.get(key, default)
+    return default if value is None else value
+
+
+def resolve_root(paths_cfg: Any, key: str) -> Path:
+    """A configured data root that must exist; the error names the config key to set."""
+    value = cfg_get(paths_cfg, key)
+    if value is None:
+        raise PieceError(f"paths.{key} is not set; point it at the data directory")
+    root = Path(str(value)).expanduser()
+    if not root.is_dir():
+        raise PieceError(f"paths.{key} = {root} does not exist; point it at the data directory")
+    return root
+
+
+def benchmark_seed(cfg) -> int:
+    """`benchmark.seed` (held-out samples), else the run's seed."""
+    return int(cfg_get(cfg.benchmark, "seed", cfg_get(cfg, "seed", 42)))
 
 
 def register_benchmark(name: str) -> Callable[[BenchmarkBuilder], BenchmarkBuilder]:
