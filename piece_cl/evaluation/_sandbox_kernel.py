@@ -10,7 +10,8 @@ the caller decides whether a missing feature is fatal (see sandbox.py's start-up
 * Landlock (ABI 1..7): file reads only below an allow-list, writes only below the work directory, no TCP
   bind/connect (ABI 4+), no signals or abstract unix sockets out of the domain (ABI 6+);
 * seccomp-bpf (x86_64): EPERM for process creation, signals to others, sockets, device nodes and fifos,
-  scheduling/priority calls, ptrace, mounts, namespace and limit changes.
+  scheduling/priority calls, ptrace, mounts, namespace and limit changes, and changes of file metadata
+  (mode, owner, times, extended attributes), which Landlock does not handle.
 """
 
 import ctypes
@@ -156,6 +157,12 @@ SYSCALLS_DENIED = {
     "request_key": 249, "keyctl": 250, "name_to_handle_at": 303, "open_by_handle_at": 304, "acct": 163,
     "swapon": 167, "swapoff": 168, "personality": 135, "quotactl": 179, "settimeofday": 164,
     "clock_settime": 227, "clock_adjtime": 305, "adjtimex": 159,
+    # Metadata changes, which Landlock does not cover (mode, owner, times, extended attributes): without
+    # these a program could chmod 000 or re-date any file its user owns, or one it may only read.
+    "chmod": 90, "fchmod": 91, "fchmodat": 268, "fchmodat2": 452, "chown": 92, "fchown": 93, "lchown": 94,
+    "fchownat": 260, "utime": 132, "utimes": 235, "futimesat": 261, "utimensat": 280, "setxattr": 188,
+    "lsetxattr": 189, "fsetxattr": 190, "removexattr": 197, "lremovexattr": 198, "fremovexattr": 199,
+    "setxattrat": 463, "removexattrat": 466,
 }
 SYSCALL_CLONE, SYSCALL_CLONE3, SYSCALL_TGKILL, SYSCALL_PRLIMIT64 = 56, 435, 234, 302
 AUDIT_ARCH_X86_64, X32_SYSCALL_BIT, CLONE_THREAD = 0xC000003E, 0x40000000, 0x00010000
