@@ -11,7 +11,7 @@
    is not cached) generates completions once -- for the probe as `piece-run` scores it (greedy), and for
    `--sampled` more probe problems sampled at temperature 1.0, which gives many and varied wrong answers
    -- then the same completions are scored by both paths; prints both Pass@1 and every problem whose
-   verdict differs, with both statuses and output tails.
+   verdict or status differs, with the statuses and output tails.
 
 With `--before REV` (default: the commit before the kernel sandbox, when this checkout has it) the sandbox
 of that revision (`piece_cl/evaluation/{sandbox,_sandbox_child}.py`, whole programs, audit hook and seccomp
@@ -147,12 +147,12 @@ def score_set(title, problems, gen_cfg, model, tokenizer, code_probe, generate_f
     differ = 0
     for i, problem in enumerate(problems):
         verdicts = {name: results[i] for name, results in scored.items()}
-        if len({r.passed for r in verdicts.values()}) > 1:
+        if len({(r.passed, r.status) for r in verdicts.values()}) > 1:
             differ += 1
             print(f"      DIFFERS {problem['task_id']}: " + "; ".join(
                 f"{name} {r.status} ({r.detail[-300:]!r})" for name, r in verdicts.items()))
             print(f"         completion: {completions[i]!r}")
-    print(f"      problems whose verdict differs between the paths: {differ}")
+    print(f"      problems whose verdict or status differs between the paths: {differ}")
 
 
 def main() -> None:
