@@ -153,6 +153,9 @@ def set_limits(cpu_seconds: int, memory_bytes: int, file_bytes: int) -> None:
               (resource.RLIMIT_CORE, 0, 0), (resource.RLIMIT_NOFILE, 256, 256),
               (resource.RLIMIT_AS, memory_bytes, memory_bytes), (resource.RLIMIT_DATA, memory_bytes, memory_bytes))
     for limit, soft, hard in limits:
+        inherited = resource.getrlimit(limit)[1]  # never above the caller's own hard limit (e.g. `ulimit -f`)
+        if inherited != resource.RLIM_INFINITY:
+            soft, hard = min(soft, inherited), min(hard, inherited)
         resource.setrlimit(limit, (soft, hard))
 
 

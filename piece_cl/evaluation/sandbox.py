@@ -81,7 +81,9 @@ def kernel_support() -> dict:
         done = subprocess.run([sys.executable, "-I", "-S", str(CHILD_SCRIPT), "probe", json.dumps(settings)],
                               env={}, cwd="/", stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
         lines = done.stdout.decode(errors="replace").strip().splitlines()
-        report = json.loads(lines[-1]) if lines else {}
+        report = json.loads(lines[-1]) if lines else {
+            "probe": f"the probe exited {done.returncode}: "
+                     f"{(done.stderr.decode(errors='replace').strip().splitlines() or ['no output'])[-1][:200]}"}
     except (OSError, subprocess.SubprocessError, ValueError) as error:
         report = {"probe": f"{type(error).__name__}: {error}"}
     finally:
@@ -100,7 +102,8 @@ def sandbox_features(allow_weaker: bool = False) -> tuple[str, ...]:
     support = kernel_support()
     missing = [name for name in FEATURES if support.get(name) is not True]
     if missing and not allow_weaker:
-        lost = "; ".join(f"{FEATURES[name]}: {support.get(name, 'not probed')}" for name in missing)
+        unprobed = f"not probed ({support['probe']})" if "probe" in support else "not probed"
+        lost = "; ".join(f"{FEATURES[name]}: {support.get(name, unprobed)}" for name in missing)
         raise PieceError(f"refusing to execute model-written code: this kernel's sandbox lacks {lost}. "
                          f"Run on a kernel with these features, or set {ALLOW_WEAKER_KEY}=true to accept "
                          f"the weaker sandbox (docs/sandbox.md)")
