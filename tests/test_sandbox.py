@@ -1,6 +1,7 @@
 """The sandbox scores hostile or broken programs as failures, in time, without damage or leftovers, and a
 candidate cannot forge its verdict."""
 
+import ctypes
 import importlib.util
 import json
 import os
@@ -39,19 +40,31 @@ def area(tmp_path, monkeypatch):
     assert (outside / "tree" / "leaf.txt").read_text() == "leaf"
     assert sorted(p.name for p in outside.rglob("*")) == ["keep.txt", "leaf.txt", "tree"]
     assert list(sandboxes.iterdir()) == [], "a sandbox directory was left behind"
-    assert _strays(tmp_path) == [], "a sandboxed process outlived its check"
+    assert _strays() == [], "a sandboxed process outlived its check"
     left = [c for c in _live_children() if c.pid not in before]
     assert left == [], f"the test process has children left: {[_describe(c) for c in left]}"
 
 
-def _strays(root: Path | None = None) -> list[psutil.Process]:
-    """Live processes running this checkout's sandbox scripts (candidate, intermediate or harness)."""
+def _become_subreaper() -> None:
+    """Orphans of this test process's descendants are re-parented to it, not to init: a sandboxed process
+    that outlives its runner stays among this process's descendants, so the leftover checks look only
+    there and another test worker's sandboxes (pytest-xdist) are not mistaken for strays."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+PR_SET_CHILD_SUBREAPER = 36
+_become_subreaper()
+
+
+def _strays() -> list[psutil.Process]:
+    """Live descendants of this process running the sandbox's scripts (candidate, intermediate or harness)."""
     scripts = (str(sandbox.CHILD_SCRIPT), str(sandbox.HARNESS_SCRIPT))
     found = []
-    for process in psutil.process_iter(["cmdline"]):
+    for process in psutil.Process().children(recursive=True):
         try:
-            if any(arg in scripts for arg in process.info["cmdline"] or ()) and \
-                    process.status() != psutil.STATUS_ZOMBIE:
+            if any(arg in scripts for arg in process.cmdline()) and process.status() != psutil.STATUS_ZOMBIE:
                 found.append(process)
         except psutil.Error:
             continue
