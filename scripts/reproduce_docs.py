@@ -168,10 +168,16 @@ def _finished_runs(sweep: Path) -> tuple[list[str], list[str]]:
     return done, partial
 
 
+def _job_number(run_dir: Path) -> int:
+    """Hydra's job number, the folder's `<num>_` prefix (job order, not the folders' lexical order)."""
+    head = run_dir.name.split("_", 1)[0]
+    return int(head) if head.isdigit() else -1
+
+
 def _run_minutes(sweep: Path) -> dict[str, float]:
     """Job folder -> minutes from its config.yaml (written at the start) to its results.json's last commit."""
     minutes = {}
-    for results in sorted(sweep.glob("*/results.json")):
+    for results in sorted(sweep.glob("*/results.json"), key=lambda p: (_job_number(p.parent), p.parent.name)):
         config = results.parent / "config.yaml"
         if config.is_file():
             minutes[results.parent.name] = (results.stat().st_mtime - config.stat().st_mtime) / 60
@@ -228,8 +234,10 @@ def _times(states: dict[str, dict]) -> str:
 def _r_matrix(run_dir: Path) -> str:
     """The R matrix table of the run's own report.md (results.py renders it)."""
     text = (run_dir / "report.md").read_text(encoding="utf-8")
-    table = [line for line in text.split("## R matrix", 1)[1].splitlines() if line.startswith("|")]
-    return "\n".join(table) + "\n"
+    lines = text.split("## R matrix", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[start:end]) + "\n"  # the first table only (the OP/BWT/AP summary follows it)
 
 
 def _figure(report: Path, part: str) -> tuple[str, str] | None:
