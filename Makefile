@@ -9,7 +9,7 @@ STAMP     := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 ARGS      ?=
 
-.PHONY: run test test-fast install clean-venv
+.PHONY: run test test-fast docs install clean-venv
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP)
 # markers registered in pyproject.toml. `make test` stays the full suite.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -x -q -m "not slow and not distributed" $(ARGS)
+
+# The miniature's tables and figures in README.md and docs/ (scripts/reproduce_docs.py; ≈ 40 min on 2 cores;
+# ARGS='--render-only' re-renders the last runs without training).
+docs: $(STAMP)
+	$(BIN)/python scripts/reproduce_docs.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
