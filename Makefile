@@ -30,7 +30,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -x -q -m "not slow and not distributed" $(ARGS)
 
-# The miniature's tables and figures in README.md and docs/ (scripts/reproduce_docs.py; ≈ 40 min on 2 cores;
+# The miniature's tables and figures in README.md and docs/ (scripts/reproduce_docs.py: the two multiruns took 42 and 37 min side by side on 2 loaded cores;
 # ARGS='--render-only' re-renders the last runs without training).
 docs: $(STAMP)
 	$(BIN)/python scripts/reproduce_docs.py $(ARGS)
