@@ -8,6 +8,8 @@ STAMP     := $(VENV)/.installed
 # CPU machines get the CPU wheel of torch; set TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128' for CUDA.
 TORCH_SPEC ?= torch==2.13.0
 ARGS      ?=
+# The suite runs on this many pytest-xdist workers (2: the CI machine's cores); TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: run test test-fast docs install clean-venv
 
@@ -23,12 +25,12 @@ run: $(STAMP)
 	$(BIN)/piece-run $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -x -q $(ARGS)
+	$(BIN)/python -m pytest -x -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 # For development: everything but the end-to-end runs (slow) and the 2-rank DeepSpeed tests (distributed),
 # markers registered in pyproject.toml. `make test` stays the full suite.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -x -q -m "not slow and not distributed" $(ARGS)
+	$(BIN)/python -m pytest -x -q -n $(TEST_WORKERS) --dist worksteal -m "not slow and not distributed" $(ARGS)
 
 # The miniature's tables and figures in README.md and docs/ (scripts/reproduce_docs.py: the two multiruns took 42 and 37 min side by side on 2 loaded cores;
 # ARGS='--render-only' re-renders the last runs without training).

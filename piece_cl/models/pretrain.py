@@ -8,6 +8,8 @@ leaves a half-written model behind.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -40,22 +42,44 @@ def cache_key(model_cfg: DictConfig) -> str:
 def load_miniature(model_cfg: DictConfig, cache_dir: str | Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """The pretrained miniature, from the cache when present, else pretrained now and cached."""
     target = Path(cache_dir) / "miniature" / cache_key(model_cfg)
-    if not target.is_dir() or not any(target.iterdir()):
+    if not _cached(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-        try:
-            model, tokenizer = pretrain(model_cfg)
-            with writing(target):  # a full disk names the cache, not the temporary staging directory
-                model.save_pretrained(staging)
-                tokenizer.save_pretrained(staging)
-                manifest.write_manifest(staging)  # last: a directory without it was never completed
-            os.rename(staging, target)  # atomic; fails if another run cached the same key first
-        except OSError:
-            if not manifest.has_manifest(target):
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        with _pretraining_lock(target):  # concurrent runs (multirun, test workers) pretrain once
+            if not _cached(target):
+                _pretrain_into(target, model_cfg)
     return _load_verified(target, model_cfg)
+
+
+def _cached(target: Path) -> bool:
+    return target.is_dir() and any(target.iterdir())
+
+
+@contextlib.contextmanager
+def _pretraining_lock(target: Path):
+    """An exclusive flock beside the cache entry, held while one process pretrains it."""
+    with open(target.parent / f".{target.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _pretrain_into(target: Path, model_cfg: DictConfig) -> None:
+    """Pretrain, write into a staging directory, manifest last, then rename into place."""
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        model, tokenizer = pretrain(model_cfg)
+        with writing(target):  # a full disk names the cache, not the temporary staging directory
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            manifest.write_manifest(staging)  # last: a directory without it was never completed
+        os.rename(staging, target)  # atomic; fails if another run cached the same key first
+    except OSError:
+        if not manifest.has_manifest(target):
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _load_verified(target: Path, model_cfg: DictConfig) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
