@@ -11,7 +11,7 @@ ARGS      ?=
 # The suite runs on this many pytest-xdist workers (2: the CI machine's cores); TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 
-.PHONY: run test test-fast install clean-venv
+.PHONY: run test test-fast docs install clean-venv
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: $(STAMP)
 # markers registered in pyproject.toml. `make test` stays the full suite.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -x -q -n $(TEST_WORKERS) --dist worksteal -m "not slow and not distributed" $(ARGS)
+
+# The miniature's tables and figures in README.md and docs/ (scripts/reproduce_docs.py: the two multiruns took 42 and 37 min side by side on 2 loaded cores;
+# ARGS='--render-only' re-renders the last runs without training).
+docs: $(STAMP)
+	$(BIN)/python scripts/reproduce_docs.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
