@@ -32,10 +32,11 @@ HOST_SUMS = ["method.importance.moments_device=cpu", "method.importance.chunk_si
 EVERY_MODEL_ROWS = [("piece_s", HOST_SUMS, "piece_s, sums on host, chunk 1"),
                     ("piece_f", HOST_SUMS, "piece_f, sums on host, chunk 1"),
                     ("ewc", ["method.fisher_device=cpu"], "ewc, fisher_device=cpu"),
+                    ("gem", ["method.grad_device=cpu"], "gem, grad_device=cpu"),
                     ("seqft", ["trainer.offload_optimizer=true"], "seqft, offload_optimizer")]
 EXTRA_ROWS = {"qwen3_14b": [("piece_s", ["method.ratio=0.01"], "piece_s (ratio 0.01)"),
-                            ("piece_s", ["method.ratio=0.01", "method.importance.moments_device=cpu",
-                                         "trainer.micro_batch_size=1"], "piece_s (ratio 0.01), sums on host, micro 1")]}
+                            ("piece_s", ["method.ratio=0.01", *HOST_SUMS, "trainer.micro_batch_size=1"],
+                             "piece_s (ratio 0.01), sums on host, chunk 1, micro 1")]}
 SHORT = {"importance": "importance", "training step": "training", "evaluation": "evaluation"}
 
 

@@ -51,6 +51,11 @@ def test_sharded_host_and_deepspeed_layouts_change_the_right_parts():
     n = Planner(compose(["model=llama3_8b", "method=seqft"])).counts.non_embedding
     assert seqft.parts["adam state"] == pytest.approx(12 * n / 4)  # ZeRO-2: fp32 master + moments, 1/4 each
     assert sparse_adam_bytes(1000, weights_fp32=False) == 1000 * (16 + 8)
+    for method, key, part in (("ewc", "fisher_device", "fisher+anchor"), ("gem", "grad_device", "reference grads")):
+        on_device = Planner(compose(["model=llama3_8b", f"method={method}"])).training()
+        on_host = Planner(compose(["model=llama3_8b", f"method={method}", f"method.{key}=cpu"])).training()
+        assert part not in on_host.parts and on_host.host[part] == on_device.parts[part] > 0, method
+        assert on_host.peak == pytest.approx(on_device.peak - on_device.parts[part]), method
 
 
 def test_every_method_plans_on_a_tiny_model():

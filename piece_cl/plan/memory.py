@@ -191,16 +191,19 @@ class Planner:
         if host or (sharded and L.world > 1):  # one layer's chunk sums wait in the compute dtype
             phase.parts["layer sums"] = moment_bytes(0, 1, kind, accumulate, largest=self.counts.largest_linear)
         if self.method == "ewc":
-            phase.parts.update(self._ewc_state())
+            self._add_ewc_state(phase)
         acts = self.activations(chunk, tokens, "importance")
         phase.parts["activations"] = acts["saved"]
         phase.parts["transient"] = acts["logits"] + per_sample_buffer(self.counts.largest_linear, chunk)
         phase.parts["runtime"] = calibration.runtime_bytes("importance", self.on_gpu)
         return phase
 
-    def _ewc_state(self) -> dict[str, float]:
-        dtype_bytes = torch.finfo(_dtype(self.cfg.method.get("fisher_dtype", "float32"))).bits // 8
-        return {"fisher+anchor": 2 * self.counts.non_embedding * dtype_bytes}
+    def _add_ewc_state(self, phase: Phase) -> None:
+        """F and θ*, on the host with `fisher_device: cpu` (methods/ewc.py keeps them there)."""
+        method = self.cfg.method
+        dtype_bytes = torch.finfo(_dtype(method.get("fisher_dtype", "float32"))).bits // 8
+        on_host = str(method.get("fisher_device") or "") == "cpu"
+        (phase.host if on_host else phase.parts)["fisher+anchor"] = 2 * self.counts.non_embedding * dtype_bytes
 
     def training(self) -> Phase:
         L, c = self.layout, self.counts
@@ -216,10 +219,11 @@ class Planner:
                 trainable = self._lora_entries()
             phase.parts.update(self._dense_optimizer(trainable, phase))
             if self.method == "ewc":
-                phase.parts.update(self._ewc_state())
+                self._add_ewc_state(phase)
             if self.method == "gem":
                 grad_bytes = torch.finfo(_dtype(self.cfg.method.get("grad_dtype", "float32"))).bits // 8
-                phase.parts["reference grads"] = (L.tasks - 1) * trainable * grad_bytes
+                on_host = str(self.cfg.method.get("grad_device") or "") == "cpu"  # methods/gem.py
+                (phase.host if on_host else phase.parts)["reference grads"] = (L.tasks - 1) * trainable * grad_bytes
             if self.method == "lwf":
                 phase.parts["teacher"] = c.total * L.dtype_bytes
         acts = self.activations(L.micro_batch, L.tokens, "train")
@@ -260,7 +264,7 @@ class Planner:
         phase.parts["prefill"] = (L.eval_batch * L.eval_prompt * 3 * text.intermediate_size * L.dtype_bytes
                                   * calibration.activation_factor("eval", self.on_gpu))
         if self.method == "ewc":
-            phase.parts.update(self._ewc_state())
+            self._add_ewc_state(phase)
         phase.parts["runtime"] = calibration.runtime_bytes("eval", self.on_gpu)
         return phase
 
