@@ -8,8 +8,9 @@ STAMP     := $(VENV)/.installed
 # CPU machines get the CPU wheel of torch; set TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128' for CUDA.
 TORCH_SPEC ?= torch==2.13.0
 ARGS      ?=
-# The suite runs on this many pytest-xdist workers (2: the CI machine's cores); TEST_WORKERS=0 runs it in one process.
-TEST_WORKERS ?= 2
+# pytest-xdist workers for the suite: 0 (default) runs it in one process in file order, as CI does;
+# TEST_WORKERS=2 splits it over two (a fresh clone here: 566 tests in 17 min 31 s on a loaded 2-core machine).
+TEST_WORKERS ?= 0
 
 .PHONY: run test test-fast docs install clean-venv
 

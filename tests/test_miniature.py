@@ -116,6 +116,9 @@ def test_concurrent_loads_pretrain_once(cached_miniature, tmp_path, monkeypatch)
         return model, tokenizer
 
     monkeypatch.setattr(pretrain, "pretrain", slow_pretrain)
+    # Loading stays out of the threads: from_pretrained's global init switches are not thread-safe, and two
+    # concurrent loads in one process left later models untied (a multirun's runs are separate processes).
+    monkeypatch.setattr(pretrain, "_load_verified", lambda target, _cfg: target)
     loaded = []
     threads = [threading.Thread(target=lambda: loaded.append(pretrain.load_miniature(small_model_cfg(), tmp_path)))
                for _ in range(2)]
