@@ -5,6 +5,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -141,14 +142,18 @@ HOSTILE = {
     "read from stdin": ("import sys\nassert sys.stdin.read() != ''\n", "failed"),
 }
 
+# A directory outside /tmp, which the sandbox hides behind its own tmpfs: damage aimed there reaches real
+# files unless something refuses it (one under /tmp would only ever meet the empty tmpfs).
+_VISIBLE_TMP = Path("/var/tmp") if Path("/var/tmp").is_dir() else Path(tempfile.gettempdir())
+
 DAMAGE = {
     "shutil.rmtree outside": "import shutil\nshutil.rmtree({tree!r})\n",
     "os.remove outside": "import os\nos.remove({keep!r})\n",
-    "rm -rf via os.system": "import os\nos.system('rm -rf {outside}')\n",
-    "pathlib unlink via ../": "import pathlib\npathlib.Path('../../outside/keep.txt').unlink()\n",
+    "rm -rf via os.system": "import os\nrc = os.system('rm -rf {outside}')\nassert rc == 0, rc\n",
+    "pathlib unlink via ../": "import pathlib\npathlib.Path({relative_keep!r}).unlink()\n",
     "overwrite a file outside": "open({keep!r}, 'w').write('gone')\n",
     "write a new file outside by absolute path": "open({new!r}, 'w').write('x')\n",
-    "write outside through ../": "open('../../outside/new.txt', 'w').write('x')\n",
+    "write outside through ../": "open({relative_new!r}, 'w').write('x')\n",
     "os.open O_CREAT outside": "import os\nos.open({new!r}, os.O_CREAT | os.O_WRONLY)\n",
     "rename outside": "import os\nos.rename({keep!r}, 'stolen.txt')\n",
     "truncate outside": "import os\nos.truncate({keep!r}, 0)\n",
@@ -172,13 +177,31 @@ def test_hostile_program_fails_in_time(name, area):
     assert len(result.detail) <= sandbox.DETAIL_CHARS
 
 
+@pytest.fixture
+def visible_outside():
+    """keep.txt and tree/leaf.txt in a folder the sandboxed program can name; unchanged afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="piece_damage_", dir=_VISIBLE_TMP))
+    (folder / "tree").mkdir()
+    (folder / "keep.txt").write_text("precious")
+    (folder / "tree" / "leaf.txt").write_text("leaf")
+    yield folder
+    assert (folder / "keep.txt").read_text() == "precious"
+    assert (folder / "tree" / "leaf.txt").read_text() == "leaf"
+    assert sorted(p.name for p in folder.rglob("*")) == ["keep.txt", "leaf.txt", "tree"], "something was added"
+    assert os.stat(folder / "keep.txt").st_mode & 0o777 != 0
+    shutil.rmtree(folder)
+
+
 @pytest.mark.parametrize("name", DAMAGE)
-def test_damage_outside_the_sandbox_is_refused(name, area):
-    paths = {"outside": str(area), "keep": str(area / "keep.txt"), "tree": str(area / "tree"),
-             "new": str(area / "new.txt")}
+def test_damage_outside_the_sandbox_is_refused(name, area, visible_outside, guard):
+    work_dir = "/tmp"  # the program's working directory inside its namespaces (its own tmpfs)
+    paths = {"outside": str(visible_outside), "keep": str(visible_outside / "keep.txt"),
+             "tree": str(visible_outside / "tree"), "new": str(visible_outside / "new.txt"),
+             "relative_keep": os.path.relpath(visible_outside / "keep.txt", work_dir),
+             "relative_new": os.path.relpath(visible_outside / "new.txt", work_dir)}
     result = check_program(DAMAGE[name].format(**paths), timeout=TIMEOUT)
     assert (result.passed, result.status) == (False, "failed"), result.detail
-    # the fixture checks that every file outside survived unchanged and nothing was added
+    # the fixtures check that every file outside survived unchanged and nothing was added
 
 
 def test_socket_to_localhost_is_refused(area):
@@ -273,8 +296,7 @@ def test_kernel_filter_denies_processes_signals_and_sockets_but_not_threads():
 @pytest.fixture
 def sentinel():
     """A file outside /tmp (which the sandbox's own tmpfs hides), so the program could name and reach it."""
-    base = Path("/var/tmp") if Path("/var/tmp").is_dir() else Path(tempfile.gettempdir())
-    folder = Path(tempfile.mkdtemp(prefix="piece_sentinel_", dir=base))
+    folder = Path(tempfile.mkdtemp(prefix="piece_sentinel_", dir=_VISIBLE_TMP))
     target = folder / "keep.txt"
     target.write_text("precious")
     yield target
