@@ -108,9 +108,9 @@ def probe(overrides: list[str], sampled: int, old) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         cfg = compose("config", overrides=overrides)
-    cached = Path(cfg.paths.cache_dir) / "miniature" / pretrain.cache_key(cfg.model)
+    cached = pretrain.cache_entry(cfg.model, cfg.paths.cache_dir)
     print(f"\n2. mini-HumanEval on real completions of the miniature ({cached}"
-          f"{'' if cached.is_dir() else ': not cached, pretraining now'})")
+          f"{'' if pretrain.is_pretrained(cfg.model, cfg.paths.cache_dir) else ': not cached, pretraining now'})")
     model, tokenizer = pretrain.load_miniature(cfg.model, cfg.paths.cache_dir)
     code_probe = build_benchmark(cfg).probe
     decoding = "sampled" if cfg.eval.do_sample else "greedy"

@@ -199,11 +199,11 @@ def _weights(sweep: Path) -> str:
     try:
         from omegaconf import OmegaConf
 
-        from piece_cl.models.pretrain import cache_key
+        from piece_cl.models.pretrain import cache_entry
 
         config = OmegaConf.load(next(sweep.glob("*/config.yaml")))
-        key = cache_key(config.model)
-        weights = Path(str(config.paths.cache_dir)) / "miniature" / key / "model.safetensors"
+        entry = cache_entry(config.model, str(config.paths.cache_dir))
+        key, weights = entry.name, entry / "model.safetensors"
         digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
         made = dt.datetime.fromtimestamp(weights.stat().st_mtime).isoformat(timespec="minutes")
         return f"miniature cache key `{key}`, weights sha256 `{digest}…` (pretrained {made})"

@@ -72,3 +72,28 @@ def shared_data(tmp_path_factory) -> Path:
 # The pretrained miniature is cached once per checkout (.cache/ is git-ignored) and shared by every
 # test that runs the embedded benchmark; a fresh clone pretrains it once.
 os.environ.setdefault("PIECE_CACHE_DIR", str(ROOT / ".cache" / "piece_cl"))
+
+# Pretrains the default miniature in a child process, so that the test process's RNG and
+# transformers state stay as they were (models loaded concurrently in one process came back untied).
+_PRETRAIN = """
+from hydra import compose, initialize_config_dir
+from piece_cl.cli import CONFIG_DIR
+from piece_cl.models.pretrain import load_miniature
+with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    config = compose(config_name="config")
+load_miniature(config.model, config.paths.cache_dir)
+"""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pretrained_miniature() -> None:
+    """The default miniature, pretrained before the first test (a no-op once it is cached).
+
+    A fresh clone would otherwise pretrain it inside whichever test needs it first, under that test's
+    timeout: on a loaded 2-core machine test_full_disk_mid_run… timed out at 300 s doing so.
+    """
+    from piece_cl.models.pretrain import is_pretrained
+
+    config = compose_config()
+    if not is_pretrained(config.model, config.paths.cache_dir):
+        subprocess.run([sys.executable, "-c", _PRETRAIN], cwd=ROOT, check=True, timeout=1800)

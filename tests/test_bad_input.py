@@ -457,16 +457,15 @@ def test_unwritable_output_or_cache_dir_is_one_line_naming_it(tmp_path, monkeypa
 # -- the miniature cache is verified against its manifest ----------------------------------------------------
 @pytest.fixture()
 def cache_copy(tmp_path):
-    """A copy of the prebuilt miniature cache (the shared one is never touched)."""
+    """A copy of the miniature cache that conftest's session fixture pretrained (the shared one is never touched)."""
     import shutil
 
-    from piece_cl.models.pretrain import cache_key
+    from piece_cl.models.pretrain import cache_entry
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="config")
-    source = Path(os.environ["PIECE_CACHE_DIR"]) / "miniature" / cache_key(cfg.model)
-    if not (source / "model.safetensors").is_file():
-        pytest.skip("the miniature is not cached yet")
+    source = cache_entry(cfg.model, os.environ["PIECE_CACHE_DIR"])
+    assert (source / "model.safetensors").is_file(), f"{source} was not pretrained before the tests"
     target = tmp_path / "cache" / "miniature" / source.name
     shutil.copytree(source, target)
     return cfg, tmp_path / "cache", target

@@ -39,9 +39,19 @@ def cache_key(model_cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def cache_entry(model_cfg: DictConfig, cache_dir: str | Path) -> Path:
+    """The directory under cache_dir that holds (or will hold) this config's pretrained miniature."""
+    return Path(cache_dir) / "miniature" / cache_key(model_cfg)
+
+
+def is_pretrained(model_cfg: DictConfig, cache_dir: str | Path) -> bool:
+    """Whether loading this config's miniature from cache_dir would skip pretraining."""
+    return _cached(cache_entry(model_cfg, cache_dir))
+
+
 def load_miniature(model_cfg: DictConfig, cache_dir: str | Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """The pretrained miniature, from the cache when present, else pretrained now and cached."""
-    target = Path(cache_dir) / "miniature" / cache_key(model_cfg)
+    target = cache_entry(model_cfg, cache_dir)
     if not _cached(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         with _pretraining_lock(target):  # concurrent runs (multirun, test workers) pretrain once
