@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all", help="what to train (default: all)")
     parser.add_argument("--render-only", action="store_true",
                         help="train nothing: piece-report the last runs of each part and rewrite the docs")
-    parser.add_argument("--no-render", action="store_true", help="train only (e.g. two parts in parallel), render later")
+    parser.add_argument("--no-render", action="store_true", help="train only (e.g. the two parts side by side, each with OMP_NUM_THREADS=1), render later")
     parser.add_argument("--out-root", type=Path,
                         default=Path(os.environ.get("PIECE_OUTPUT_ROOT", ROOT / "outputs")) / "reproduce_docs")
     args = parser.parse_args(argv)
