@@ -33,7 +33,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -x -q -n $(TEST_WORKERS) --dist worksteal -m "not slow and not distributed" $(ARGS)
 
-# The miniature's tables and figures in README.md and docs/ (scripts/reproduce_docs.py: the two multiruns took 42 and 37 min side by side on 2 loaded cores;
+# The miniature's tables and figures in README.md and docs/ (scripts/reproduce_docs.py: the two multiruns took 14.0 and 11.8 min side by side, one thread each, on 2 AVX512 cores;
 # ARGS='--render-only' re-renders the last runs without training).
 docs: $(STAMP)
 	$(BIN)/python scripts/reproduce_docs.py $(ARGS)
