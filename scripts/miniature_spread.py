@@ -1,6 +1,7 @@
 """How much the miniature's reading depends on the CPU: pretrain and probe it under several float orders.
 
-    .venv/bin/python scripts/miniature_spread.py [--settings 1t 2t scalar] [--run | --seeds 42 43 44] [--out spread.json]
+    .venv/bin/python scripts/miniature_spread.py [--settings 1t 2t avx2 scalar] [--run | --seeds 42 43 44]
+                                                 [--out spread.json] [hydra overrides]
 
 Each setting pretrains the miniature from scratch in a fresh process (its own cache directory, so
 nothing is shared) with a different floating-point summation order — one or two BLAS threads, or at one
@@ -76,17 +77,16 @@ def _default_run(env: dict, run_dir: Path, overrides: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", nargs="+", default=["1t", "2t", "scalar"], choices=sorted(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--run", action="store_true", help="also the embedded default run per setting")
     parser.add_argument("--seeds", nargs="+", type=int, default=[],
                         help="the default run once per training seed (implies --run), e.g. --seeds 42 43 44")
     parser.add_argument("--out", type=Path, help="write the rows and spreads as JSON")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.pretrain.steps=1600")
     args = parser.parse_args()
-    rows = {}
+    rows, seeds = {}, args.seeds or ([None] if args.run else [])
     with tempfile.TemporaryDirectory(prefix="miniature-spread-") as tmp:
         for setting in args.settings:
-            seeds = args.seeds or ([None] if args.run else [])
             rows[setting] = measure(setting, Path(tmp) / setting, args.overrides, seeds)
             print(f"{setting:>7}  {json.dumps(rows[setting])}", flush=True)
     spreads = {key: max(r[key] for r in rows.values()) - min(r[key] for r in rows.values())
