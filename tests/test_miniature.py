@@ -216,3 +216,28 @@ def test_tiny_benchmark_is_deterministic_disjoint_and_trace_shaped():
     assert [t.test for t in again.tasks] == [t.test for t in benchmark.tasks]
     cfg.benchmark.seed = 4
     assert build_benchmark(cfg).tasks[0].train != benchmark.tasks[0].train
+
+
+@pytest.mark.slow
+def test_spread_script_pretrains_per_setting_and_reports_seeds(tmp_path):
+    """scripts/miniature_spread.py at a toy size: one fresh pretraining per setting under its own kernels,
+    the default run once per seed, and spreads that are the rows' max - min."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "spread.json"
+    toy = ["experiment=smoke", "model.pretrain.steps=4", "model.pretrain.problems=40",
+           "benchmark.tasks=[tiny_choice,tiny_number]", "benchmark.probe.n_problems=4"]
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "miniature_spread.py"), "--settings", "1t", "scalar",
+                    "--seeds", "1", "2", "--out", str(out), *toy], check=True, capture_output=True, text=True, timeout=600)
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert rows["scalar"]["capability"] == "DEFAULT" != rows["1t"]["capability"]  # the kernels really differed
+    for row in rows.values():
+        assert row["seeds"] == [1, 2] and len(row["run_OP_by_seed"]) == 2
+        assert row["run_OP"] == pytest.approx(sum(row["run_OP_by_seed"]) / 2)
+        assert row["run_OP_seed_spread"] == pytest.approx(max(row["run_OP_by_seed"]) - min(row["run_OP_by_seed"]))
+    for key in ("probe", "run_OP", "run_probe"):
+        values = [row[key] for row in rows.values()]
+        assert report["spread"][key] == pytest.approx(max(values) - min(values))
