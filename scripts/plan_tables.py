@@ -34,6 +34,13 @@ EVERY_MODEL_ROWS = [("piece_s", HOST_SUMS, "piece_s, sums on host, chunk 1"),
                     ("ewc", ["method.fisher_device=cpu"], "ewc, fisher_device=cpu"),
                     ("gem", ["method.grad_device=cpu"], "gem, grad_device=cpu"),
                     ("seqft", ["trainer.offload_optimizer=true"], "seqft, offload_optimizer")]
+# The 4 x 80 GB question for every full-model method: ZeRO-3 shards the weights, the Adam state goes to the host.
+SHARDED = ["trainer.zero_stage=3", "trainer.offload_optimizer=true", "trainer.micro_batch_size=1"]
+FULL_MODEL = [("seqft", [], ""), ("ewc", ["method.fisher_device=cpu"], ", fisher_device=cpu"),
+              ("gem", ["method.grad_device=cpu"], ", grad_device=cpu"), ("lwf", [], ""), ("migu", [], ""),
+              ("replay", [], ""), ("replay_online", [], "")]
+EVERY_MODEL_ROWS += [(method, [*extra, *SHARDED], f"{method}{label}, ZeRO-3, offload_optimizer, micro 1")
+                     for method, extra, label in FULL_MODEL]
 EXTRA_ROWS = {"qwen3_14b": [("piece_s", ["method.ratio=0.01"], "piece_s (ratio 0.01)"),
                             ("piece_s", ["method.ratio=0.01", *HOST_SUMS, "trainer.micro_batch_size=1"],
                              "piece_s (ratio 0.01), sums on host, chunk 1, micro 1")]}
