@@ -43,7 +43,9 @@ EVERY_MODEL_ROWS += [(method, [*extra, *SHARDED], f"{method}{label}, ZeRO-3, off
                      for method, extra, label in FULL_MODEL]
 EXTRA_ROWS = {"qwen3_14b": [("piece_s", ["method.ratio=0.01"], "piece_s (ratio 0.01)"),
                             ("piece_s", ["method.ratio=0.01", *HOST_SUMS, "trainer.micro_batch_size=1"],
-                             "piece_s (ratio 0.01), sums on host, chunk 1, micro 1")]}
+                             "piece_s (ratio 0.01), sums on host, chunk 1, micro 1"),
+                            ("piece_f", [*HOST_SUMS, "trainer.micro_batch_size=1"],
+                             "piece_f, sums on host, chunk 1, micro 1")]}
 SHORT = {"importance": "importance", "training step": "training", "evaluation": "evaluation"}
 
 
