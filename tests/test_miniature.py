@@ -138,6 +138,25 @@ def test_pretraining_is_deterministic(cached_miniature, tmp_path):
         assert torch.equal(p, q), name
 
 
+def test_pretraining_weights_do_not_depend_on_the_thread_count(cached_miniature, monkeypatch):
+    """Pretraining runs at one thread whatever the caller set (and gives the thread count back)."""
+    _, model, _ = cached_miniature
+    seen = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (seen.append(torch.get_num_threads()),
+                                                                          real_step(self, *a, **k))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fresh, _ = pretrain.pretrain(small_model_cfg())
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert set(seen) == {1}
+    for (name, p), (_, q) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(p, q), name
+
+
 def test_batched_generation_equals_one_at_a_time(cached_miniature):
     _, model, tokenizer = cached_miniature
     prompts = [p["prompt"] for p in mini_humaneval.probe_problems(6)] + ["def", "Solve the following math problem."]

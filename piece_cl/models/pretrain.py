@@ -130,8 +130,30 @@ def _encode(tokenizer, problem: dict) -> tuple[list[int], list[int]]:
     return prompt + answer, [-100] * len(prompt) + answer
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """torch at one intra-op thread, restored afterwards.
+
+    The miniature's matrices are too small for a second thread to help (82 s at one or two here), but the
+    thread count changes the summation order and so the pretrained weights (base probe 100.0 at one
+    thread, 97.5 at two, AVX512): at one thread they depend on the CPU alone. It also cannot stall beside
+    another busy process (a two-thread pretraining took 1,008 s instead of 82 s next to one).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def pretrain(model_cfg: DictConfig) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """Train a fresh miniature on mini-HumanEval training problems (prompt → solution, loss on the solution)."""
+    with _one_thread():
+        return _pretrain(model_cfg)
+
+
+def _pretrain(model_cfg: DictConfig) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     settings = model_cfg.pretrain
     torch.manual_seed(settings.seed)
     problems = mini_humaneval.training_problems(settings.problems, seed=settings.seed)
