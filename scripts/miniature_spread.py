@@ -4,9 +4,10 @@
                                                  [--out spread.json] [hydra overrides]
 
 Each setting pretrains the miniature from scratch in a fresh process (its own cache directory, so
-nothing is shared) with a different floating-point summation order — one or two BLAS threads, or at one
-thread the AVX2 or scalar kernels (`ATEN_CPU_CAPABILITY=avx2`, `=default`) instead of the CPU's best —
-then scores the base model on the mini-HumanEval probe. Prints one row per setting and the spread
+nothing is shared) with a different floating-point summation order — the AVX2 or scalar kernels
+(`ATEN_CPU_CAPABILITY=avx2`, `=default`) instead of the CPU's best, or two threads instead of one (which
+reach only the default run: pretraining always runs at one thread) — then scores the base model on the
+mini-HumanEval probe. Prints one row per setting and the spread
 (max - min) of the probe; `--run` adds the embedded default run (SeqFT) per setting and the spread of its
 final OP and probe; `--seeds` runs it once per training seed (`seed=S`, same pretrained model) and adds
 each setting's mean and spread over the seeds.
