@@ -9,7 +9,7 @@ STAMP     := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 ARGS      ?=
 # pytest-xdist workers for the suite: 0 (default) runs it in one process in file order, as CI does;
-# TEST_WORKERS=2 splits it over two (README: one process 11 min 52 s on a quiet AVX512 machine; two workers 17 min 31 s on a loaded AVX2 one).
+# TEST_WORKERS=2 splits it over two (README: one process 12 min 34 s on a quiet AVX512 machine; two workers 17 min 31 s on a loaded AVX2 one).
 TEST_WORKERS ?= 0
 
 .PHONY: run test test-fast docs install clean-venv
