@@ -7,10 +7,10 @@ Each setting pretrains the miniature from scratch in a fresh process (its own ca
 nothing is shared) with a different floating-point summation order — the AVX2 or scalar kernels
 (`ATEN_CPU_CAPABILITY=avx2`, `=default`) instead of the CPU's best, or two threads instead of one (which
 reach only the default run: pretraining always runs at one thread) — then scores the base model on the
-mini-HumanEval probe. Prints one row per setting and the spread
-(max - min) of the probe; `--run` adds the embedded default run (SeqFT) per setting and the spread of its
-final OP and probe; `--seeds` runs it once per training seed (`seed=S`, same pretrained model) and adds
-each setting's mean and spread over the seeds.
+mini-HumanEval probe. Prints one row per setting and the spread (max - min) of the probe; `--run` adds
+the embedded default run (SeqFT) per setting and the spread of its final OP and probe; `--seeds` runs it
+once per training seed (`seed=S`, same pretrained model) and adds each setting's mean and spread over the
+seeds.
 """
 from __future__ import annotations
 

